@@ -1,0 +1,68 @@
+"""eqicl: linear transformers as versatile in-context learners, in JAX + Equinox.
+
+An exact implementation of Vladymyrov, von Oswald, Sandler, Ge, "Linear Transformers are
+Versatile In-Context Learners" (NeurIPS 2024): the noisy regression task, FULL / DIAG / GD++
+linear transformers, the ridge baselines, the paper's evaluation metric, and training.
+"""
+
+from ._baselines import (
+    Spectral as Spectral,
+    TunedBaselines as TunedBaselines,
+    exact_loss as exact_loss,
+    gd_coords as gd_coords,
+    ridge_coords as ridge_coords,
+    sampled_loss as sampled_loss,
+    spectral as spectral,
+    tune_baselines as tune_baselines,
+)
+from ._config import (
+    PRESETS as PRESETS,
+    Config as Config,
+    ConfigError as ConfigError,
+    EvalConfig as EvalConfig,
+    ModelConfig as ModelConfig,
+    TaskConfig as TaskConfig,
+    TrainConfig as TrainConfig,
+    override as override,
+    preset as preset,
+)
+from ._evaluate import (
+    evaluate as evaluate,
+    model_exact_losses as model_exact_losses,
+    model_weights_and_predictions as model_weights_and_predictions,
+    profile as profile,
+)
+from ._model import (
+    AbstractDiagAttention as AbstractDiagAttention,
+    AbstractLinearAttention as AbstractLinearAttention,
+    DiagAttention as DiagAttention,
+    FullAttention as FullAttention,
+    GDPPAttention as GDPPAttention,
+    LinearTransformer as LinearTransformer,
+    context_statistics as context_statistics,
+    init_transformer as init_transformer,
+)
+from ._paper import paper_table as paper_table, paper_value as paper_value
+from ._run import (
+    RunDirError as RunDirError,
+    load_model as load_model,
+    read_run_config as read_run_config,
+    run as run,
+)
+from ._task import (
+    Batch as Batch,
+    oracle_weights as oracle_weights,
+    ridge as ridge,
+    sample_batch as sample_batch,
+    statistics as statistics,
+)
+from ._train import (
+    TrainState as TrainState,
+    init_ensemble as init_ensemble,
+    loss_fn as loss_fn,
+    make_optimizer as make_optimizer,
+    train_loop as train_loop,
+    train_step as train_step,
+)
+
+__version__ = "0.1.0"

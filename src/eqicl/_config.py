@@ -1,0 +1,358 @@
+"""Typed, frozen run configuration, named presets and type-checked CLI overrides."""
+
+import collections.abc
+import dataclasses
+import json
+import math
+import types
+import typing
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run. The message is one line, meant for the user."""
+
+
+NoiseKind = Literal["uniform", "categorical", "fixed"]
+ModelKind = Literal["full", "diag", "gdpp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Noisy linear regression (SPEC §1).
+
+    `noise` picks how the per-sequence noise standard deviation σ_τ is drawn:
+    `uniform` σ_τ ~ U(0, sigma_max); `categorical` σ_τ uniform over `sigma_set`;
+    `fixed` σ_τ = `sigma`. The fields of the other kinds are ignored.
+    """
+
+    d: int = 10
+    n: int = 20
+    noise: NoiseKind = "uniform"
+    sigma_max: float = 3.0
+    sigma_set: tuple[float, ...] = (1.0, 3.0)
+    sigma: float = 1.0
+
+    def __post_init__(self):
+        if self.d < 1:
+            raise ConfigError(f"task.d must be >= 1, got {self.d}")
+        if self.n < 1:
+            raise ConfigError(f"task.n must be >= 1, got {self.n}")
+        if self.noise not in typing.get_args(NoiseKind):
+            raise ConfigError(
+                f"task.noise must be one of {typing.get_args(NoiseKind)}, got {self.noise!r}"
+            )
+        if self.noise == "uniform" and not (0 <= self.sigma_max < math.inf):
+            raise ConfigError(f"task.sigma_max must be finite and >= 0, got {self.sigma_max}")
+        if self.noise == "categorical":
+            if len(self.sigma_set) == 0:
+                raise ConfigError("task.sigma_set must hold at least one noise level")
+            if any(not (0 <= s < math.inf) for s in self.sigma_set):
+                raise ConfigError(f"task.sigma_set must be finite and >= 0, got {self.sigma_set}")
+        if self.noise == "fixed" and not (0 <= self.sigma < math.inf):
+            raise ConfigError(f"task.sigma must be finite and >= 0, got {self.sigma}")
+
+    @property
+    def mean_sigma2(self) -> float:
+        """E[σ_τ²] under the task's noise distribution."""
+        if self.noise == "uniform":
+            return self.sigma_max**2 / 3
+        if self.noise == "categorical":
+            return sum(s**2 for s in self.sigma_set) / len(self.sigma_set)
+        return self.sigma**2
+
+    @property
+    def sigma_range(self) -> float:
+        """The largest σ_τ the task can draw."""
+        if self.noise == "uniform":
+            return self.sigma_max
+        if self.noise == "categorical":
+            return max(self.sigma_set)
+        return self.sigma
+
+    @property
+    def label(self) -> str:
+        """The noise column of the paper's Table 1 ("3", "{1;3}", ...), or a descriptive label."""
+        if self.noise == "uniform":
+            return _num(self.sigma_max)
+        if self.noise == "categorical":
+            return "{" + ";".join(_num(s) for s in self.sigma_set) + "}"
+        return f"fixed {_num(self.sigma)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Linear transformer (SPEC §2).
+
+    `units="scaled"` parameterizes each layer in units of the typical size of the context
+    statistics (Σ/n, α/(n s), λ/(n s²), s² = d + E[σ²]): the same function class, better
+    conditioned for Adam. `init="gd"` starts every layer as a stable gradient-descent step
+    in those units plus `init_scale` noise; `init="normal"` draws all parameters
+    N(0, init_scale²).
+    """
+
+    kind: ModelKind = "diag"
+    layers: int = 3
+    heads: int = 1
+    units: Literal["scaled", "paper"] = "scaled"
+    init: Literal["gd", "normal"] = "gd"
+    init_scale: float = 1e-3
+
+    def __post_init__(self):
+        if self.kind not in typing.get_args(ModelKind):
+            raise ConfigError(
+                f"model.kind must be one of {typing.get_args(ModelKind)}, got {self.kind!r}"
+            )
+        if self.layers < 1:
+            raise ConfigError(f"model.layers must be >= 1, got {self.layers}")
+        if self.heads < 1:
+            raise ConfigError(f"model.heads must be >= 1, got {self.heads}")
+        if self.units not in ("scaled", "paper"):
+            raise ConfigError(f"model.units must be 'scaled' or 'paper', got {self.units!r}")
+        if self.init not in ("gd", "normal"):
+            raise ConfigError(f"model.init must be 'gd' or 'normal', got {self.init!r}")
+        if not (0 <= self.init_scale < math.inf):
+            raise ConfigError(f"model.init_scale must be finite and >= 0, got {self.init_scale}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. `objective="exact"` trains on ½‖w^L − μ‖² (SPEC §5), `"sampled"` on
+    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it)."""
+
+    steps: int = 3000
+    batch: int = 512
+    lr: float = 1e-2
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: int = 500
+    clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    objective: Literal["exact", "sampled"] = "exact"
+    loss_clip: float = 20.0
+    dtype: Literal["float32", "float64"] = "float32"
+    seeds: int = 1
+    steps_per_call: int = 100
+    checkpoint_every: int = 1000
+    select_sequences: int = 10_000
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "seeds", "steps_per_call", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"train.warmup must be >= 0, got {self.warmup}")
+        if self.select_sequences < 1:
+            raise ConfigError(f"train.select_sequences must be >= 1, got {self.select_sequences}")
+        if not (0 < self.lr < math.inf):
+            raise ConfigError(f"train.lr must be positive and finite, got {self.lr}")
+        if not (0 <= self.clip < math.inf):
+            raise ConfigError(f"train.clip must be finite and >= 0 (0 disables it), got {self.clip}")
+        if not (0 <= self.loss_clip < math.inf):
+            raise ConfigError(
+                f"train.loss_clip must be finite and >= 0 (0 disables it), got {self.loss_clip}"
+            )
+        for name in ("b1", "b2"):
+            if not (0 <= getattr(self, name) < 1):
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.objective not in ("exact", "sampled"):
+            raise ConfigError(f"train.objective must be 'exact' or 'sampled', got {self.objective!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"train.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.checkpoint_every % self.steps_per_call:
+            raise ConfigError(
+                f"train.checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                f"train.steps_per_call ({self.steps_per_call}) so that a resumed run replays "
+                "exactly the same jitted calls"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: `sequences` fresh test sequences (the paper: 100,000), baselines tuned on
+    `tune_sequences` others, per-variance profile on `profile_points` σ values up to
+    `profile_factor` × the largest training σ."""
+
+    sequences: int = 100_000
+    tune_sequences: int = 20_000
+    chunk: int = 10_000
+    profile_points: int = 25
+    profile_sequences: int = 5_000
+    profile_factor: float = 1.5
+    seed: int = 12345
+
+    def __post_init__(self):
+        for name in ("sequences", "tune_sequences", "chunk", "profile_points", "profile_sequences"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 < self.profile_factor < math.inf):
+            raise ConfigError(f"eval.profile_factor must be positive, got {self.profile_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        sections = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "seed":
+                continue
+            sub = data.get(f.name, {})
+            sub_cls = f.type
+            known = {g.name for g in dataclasses.fields(sub_cls)}
+            unknown = set(sub) - known
+            if unknown:
+                raise ConfigError(f"unknown config key {f.name}.{sorted(unknown)[0]}")
+            sections[f.name] = sub_cls(
+                **{k: _coerce(v, _field_type(sub_cls, k), f"{f.name}.{k}") for k, v in sub.items()}
+            )
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config key {sorted(unknown)[0]}")
+        return cls(**sections, seed=_coerce(data.get("seed", 0), int, "seed"))
+
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a JSON value (or a CLI string) to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+        return value
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[]{} ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a comma-separated list, got {value!r}")
+        return tuple(_coerce(v, elem, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    raise TypeError(f"unsupported config field type {tp} for {key}")  # pragma: no cover
+
+
+def _parse_override(assignment: str) -> tuple[str, str | None, str]:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
+    key, value = assignment.split("=", 1)
+    key = key.strip()
+    if key == "seed":
+        return "seed", None, value
+    if key.count(".") != 1:
+        raise ConfigError(f"unknown config key {key!r} (expected section.field, e.g. train.lr)")
+    section, name = key.split(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "seed"}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} (one of {', '.join(sorted(sections))})")
+    fields = {f.name for f in dataclasses.fields(sections[section])}
+    if name not in fields:
+        raise ConfigError(
+            f"unknown config key {key!r} (fields of {section}: {', '.join(sorted(fields))})"
+        )
+    return section, name, value
+
+
+def override(config: Config, assignments: collections.abc.Sequence[str]) -> Config:
+    """Apply `section.field=value` (or `seed=value`) overrides, each type-checked against its
+    field; cross-field checks run once, after all of them."""
+    data = config.to_dict()
+    for assignment in assignments:
+        section, name, value = _parse_override(assignment)
+        if name is None:
+            data["seed"] = value
+        else:
+            data[section][name] = value
+    return Config.from_dict(data)
+
+
+def _tiny() -> Config:
+    return Config(
+        task=TaskConfig(d=4, n=8, noise="uniform", sigma_max=1.0),
+        model=ModelConfig(kind="diag", layers=2),
+        train=TrainConfig(
+            steps=40, batch=32, lr=1e-2, warmup=5, seeds=2, steps_per_call=10,
+            checkpoint_every=20, select_sequences=256,
+        ),
+        eval=EvalConfig(
+            sequences=2_000, tune_sequences=1_000, chunk=1_000, profile_points=5,
+            profile_sequences=200,
+        ),
+    )
+
+
+def _default() -> Config:
+    return Config(
+        task=TaskConfig(noise="uniform", sigma_max=3.0),
+        model=ModelConfig(kind="diag", layers=3),
+        train=TrainConfig(steps=3000, batch=512, lr=3e-2, warmup=300, seeds=1),
+    )
+
+
+def _paper() -> Config:
+    # SPEC §3: Adam 1e-4, batch 2048, 200k steps, best of 5 seeds, in the paper's units.
+    return Config(
+        task=TaskConfig(noise="uniform", sigma_max=3.0),
+        model=ModelConfig(kind="diag", layers=3, units="paper", init="normal", init_scale=1e-3),
+        train=TrainConfig(
+            steps=200_000, batch=2048, lr=1e-4, schedule="constant", warmup=0, clip=0.0,
+            objective="sampled", loss_clip=0.0, seeds=5, checkpoint_every=10_000,
+        ),
+    )
+
+
+PRESETS: dict[str, types.FunctionType] = {"tiny": _tiny, "default": _default, "paper": _paper}
+
+
+def preset(name: str, overrides: collections.abc.Sequence[str] = ()) -> Config:
+    """A named preset (`tiny`, `default`, `paper`) with `section.field=value` overrides applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (one of {', '.join(PRESETS)})")
+    return override(PRESETS[name](), overrides)

@@ -1,0 +1,215 @@
+"""Evaluation (SPEC §5): adjusted loss with the sampled and the exact estimator, baselines on
+the same sequences, loss after k layers, unadjusted loss, per-variance profiles."""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._baselines import (
+    Spectral,
+    TunedBaselines,
+    exact_loss,
+    posterior_trace,
+    sampled_loss,
+    spectral,
+    tune_baselines,
+)
+from ._config import Config, TaskConfig
+from ._model import LinearTransformer
+from ._paper import paper_baselines, paper_value
+from ._task import sample_batch
+
+
+def eval_dtype():
+    """float64 where JAX allows it (evaluation must resolve losses down to 1e-12)."""
+    return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+
+def cast(tree, dtype):
+    """Cast every floating-point array of a pytree (a model, say) to `dtype`."""
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+def mean_se(values) -> dict[str, float]:
+    """Mean and standard error of per-sequence values."""
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan}
+
+
+@eqx.filter_jit
+def model_weights_and_predictions(
+    model: LinearTransformer, x: Float[Array, "batch n d"], y: Float[Array, "batch n"],
+    xq: Float[Array, "batch d"],
+) -> tuple[Float[Array, "batch layers d"], Float[Array, "batch layers"]]:
+    """w^l of every layer (queries = basis vectors) and the prediction on the real query,
+    in one forward pass per sequence."""
+
+    def one(x1, y1, q1):
+        d = x1.shape[-1]
+        preds = model(x1, y1, jnp.concatenate([jnp.eye(d, dtype=x1.dtype), q1[None]], axis=0))
+        return preds[:, :d], preds[:, d]
+
+    return jax.vmap(one)(x, y, xq)
+
+
+@eqx.filter_jit
+def model_exact_losses(model: LinearTransformer, batch, sp: Spectral) -> Float[Array, "batch layers"]:
+    """Exact adjusted loss ½‖w^l − μ‖² after every layer."""
+    w, _ = model_weights_and_predictions(model, batch.x, batch.y, batch.xq)
+    coords = jax.vmap(sp.to_coords, in_axes=1, out_axes=0)(w)  # (layers, batch, d)
+    return exact_loss(sp, coords).T
+
+
+def _layer_losses(model, batch, sp):
+    w, preds = model_weights_and_predictions(model, batch.x, batch.y, batch.xq)
+    coords = jax.vmap(sp.to_coords, in_axes=1, out_axes=0)(w)
+    exact = exact_loss(sp, coords)  # (layers, batch)
+    orc = jnp.sum(sp.oracle * sp.q, axis=-1)
+    sampled = 0.5 * (preds.T - sp.yq) ** 2 - 0.5 * (orc - sp.yq) ** 2
+    unadjusted = 0.5 * (preds.T - sp.yq) ** 2
+    return exact, sampled, unadjusted
+
+
+def _baseline_losses(tuned: TunedBaselines, sp: Spectral):
+    out = {}
+    for name, coords in tuned.coords(sp).items():
+        pred = jnp.sum(coords * sp.q, axis=-1)
+        out[name] = (exact_loss(sp, coords), sampled_loss(sp, coords), 0.5 * (pred - sp.yq) ** 2)
+    return out
+
+
+def _keys(config: Config) -> dict[str, PRNGKeyArray]:
+    base = jr.key(config.eval.seed)
+    return {name: jr.fold_in(base, i) for i, name in enumerate(("tune", "test", "profile", "select"))}
+
+
+def tune(config: Config) -> TunedBaselines:
+    """Baselines tuned on `eval.tune_sequences` sequences kept apart from the test ones."""
+    dt = eval_dtype()
+    sp = spectral(sample_batch(_keys(config)["tune"], config.task, config.eval.tune_sequences, dt))
+    return tune_baselines(sp, gd_steps=config.model.layers)
+
+
+def select_losses(
+    models: LinearTransformer, config: Config
+) -> Float[Array, " members"]:
+    """Exact adjusted loss of every ensemble member (stacked models) on held-out sequences:
+    the best-of-seeds selection."""
+    dt = eval_dtype()
+    batch = sample_batch(_keys(config)["select"], config.task, config.train.select_sequences, dt)
+    sp = spectral(batch)
+
+    def one(m):
+        return jnp.mean(model_exact_losses(m, batch, sp)[:, -1])
+
+    return jnp.stack(
+        [one(_member(models, i)) for i in range(_num_members(models))]
+    )
+
+
+def _num_members(models) -> int:
+    return jax.tree.leaves(eqx.filter(models, eqx.is_array))[0].shape[0]
+
+
+def _member(models, i: int):
+    dynamic, static = eqx.partition(models, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda a: a[i], dynamic), static)
+
+
+def profile_sigmas(task: TaskConfig, points: int, factor: float) -> np.ndarray:
+    top = task.sigma_range * factor if task.sigma_range > 0 else 1.0
+    return np.linspace(0.0, top, points)
+
+
+def evaluate(
+    model: LinearTransformer,
+    config: Config,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Everything eval.json holds: the model's adjusted loss (exact and sampled estimator, with
+    standard errors) after every layer, its unadjusted loss, the baselines on the same
+    sequences, per-variance profiles, and the paper's numbers for this cell."""
+    dt = eval_dtype()
+    model = cast(model, dt)
+    keys = _keys(config)
+    say = progress or (lambda _: None)
+    say("tuning baselines")
+    tuned = tune(config)
+
+    ec = config.eval
+    chunks = [ec.chunk] * (ec.sequences // ec.chunk) + ([ec.sequences % ec.chunk] if ec.sequences % ec.chunk else [])
+    acc: dict[str, list] = {}
+    for i, size in enumerate(chunks):
+        say(f"test sequences {sum(chunks[:i])}/{ec.sequences}")
+        batch = sample_batch(jr.fold_in(keys["test"], i), config.task, size, dt)
+        sp = spectral(batch)
+        exact, sampled, unadj = _layer_losses(model, batch, sp)
+        acc.setdefault("exact", []).append(np.asarray(exact))
+        acc.setdefault("sampled", []).append(np.asarray(sampled))
+        acc.setdefault("unadjusted", []).append(np.asarray(unadj))
+        acc.setdefault("oracle_trace", []).append(np.asarray(posterior_trace(sp)))
+        for name, losses in _baseline_losses(tuned, sp).items():
+            acc.setdefault(name, []).append(tuple(np.asarray(v) for v in losses))
+    exact = np.concatenate(acc.pop("exact"), axis=1)
+    sampled = np.concatenate(acc.pop("sampled"), axis=1)
+    unadj = np.concatenate(acc.pop("unadjusted"), axis=1)
+    oracle_trace = np.concatenate(acc.pop("oracle_trace"))
+    finite = bool(np.all(np.isfinite(exact)) and np.all(np.isfinite(sampled)))
+
+    def summary(ex, sa, un):
+        return {
+            "adjusted_exact": mean_se(ex),
+            "adjusted_sampled": mean_se(sa),
+            "unadjusted": mean_se(un),
+        }
+
+    result = {
+        "sequences": ec.sequences,
+        "dtype": jnp.dtype(dt).name,
+        "model": {
+            "finite": finite,
+            **summary(exact[-1], sampled[-1], unadj[-1]),
+            "after_layer": [
+                {"layer": k + 1, **summary(exact[k], sampled[k], unadj[k])}
+                for k in range(exact.shape[0])
+            ],
+        },
+        "baselines": {
+            name: summary(*(np.concatenate([c[j] for c in chunks_]) for j in range(3)))
+            for name, chunks_ in acc.items()
+        },
+        "oracle_expected_unadjusted": mean_se(oracle_trace),
+        "baseline_params": dataclasses.asdict(tuned),
+    }
+    say("per-variance profile")
+    result["profile"] = profile(model, config, tuned)
+    result["paper"] = {"model": paper_value(config), **paper_baselines(config.task)}
+    return result
+
+
+def profile(model: LinearTransformer, config: Config, tuned: TunedBaselines) -> dict:
+    """Exact adjusted loss (every layer and every baseline) and the oracle's expected
+    unadjusted loss at fixed σ on a grid reaching beyond the training range."""
+    dt = eval_dtype()
+    ec = config.eval
+    sigmas = profile_sigmas(config.task, ec.profile_points, ec.profile_factor)
+    out: dict = {"sigma": sigmas.tolist(), "model": [], "baselines": {}, "oracle_unadjusted": []}
+    key = _keys(config)["profile"]
+    for i, s in enumerate(sigmas):
+        batch = sample_batch(
+            jr.fold_in(key, i), config.task, ec.profile_sequences, dt,
+            sigma=jnp.full((ec.profile_sequences,), s, dt),
+        )
+        sp = spectral(batch)
+        out["model"].append(np.asarray(jnp.mean(model_exact_losses(model, batch, sp), axis=0)).tolist())
+        out["oracle_unadjusted"].append(float(jnp.mean(posterior_trace(sp))))
+        for name, coords in tuned.coords(sp).items():
+            out["baselines"].setdefault(name, []).append(float(jnp.mean(exact_loss(sp, coords))))
+    return out

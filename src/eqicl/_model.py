@@ -1,0 +1,257 @@
+"""Linear self-attention layers (FULL, DIAG, GD++) and the linear transformer (SPEC §2).
+
+Every layer maps the context statistics S = Σ_{j≤n} e_j e_jᵀ (the query tokens excluded,
+not divided by n) to the operator T = Σ_k P_k S Q_k and updates every token,
+e_i ← e_i + T e_i. Parameters may be stored in *scaled units* (`scale_n`, `scale_s`):
+the paper-unit matrices are P_k diag(1, …, 1, 1/s) / n and diag(1, …, 1, 1/s) Q_k, which is
+the same function class with each statistic measured in its typical size (SPEC §8).
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._config import ModelConfig, TaskConfig
+
+
+def _unit_diag(d: int, s: float, dtype) -> Float[Array, " D"]:
+    return jnp.concatenate([jnp.ones((d,), dtype), jnp.full((1,), 1.0 / s, dtype)])
+
+
+def context_statistics(tokens: Float[Array, "m D"], n: int) -> Float[Array, "D D"]:
+    """S = Σ_{j=1}^{n} e_j e_jᵀ over the first `n` tokens (the context; queries excluded)."""
+    ctx = tokens[:n]
+    return ctx.T @ ctx
+
+
+class AbstractLinearAttention(eqx.Module):
+    """One residual linear self-attention layer, e_i ← e_i + Σ_k P_k S Q_k e_i."""
+
+    scale_n: eqx.AbstractVar[float]
+    scale_s: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def raw_pq(self) -> tuple[Float[Array, "heads D D"], Float[Array, "heads D D"]]:
+        """P_k and Q_k in the layer's own (possibly scaled) units."""
+
+    @abc.abstractmethod
+    def operator(self, stats: Float[Array, "D D"]) -> Float[Array, "D D"]:
+        """T = Σ_k P_k S Q_k in paper units, from the context statistics S."""
+
+    def pq(self) -> tuple[Float[Array, "heads D D"], Float[Array, "heads D D"]]:
+        """P_k and Q_k in the paper's units (what the paper's Figure 4 shows)."""
+        p, q = self.raw_pq()
+        u = _unit_diag(p.shape[-1] - 1, self.scale_s, p.dtype)
+        return p * u[None, None, :] / self.scale_n, u[None, :, None] * q
+
+    def __call__(self, tokens: Float[Array, "m D"], n: int) -> Float[Array, "m D"]:
+        t = self.operator(context_statistics(tokens, n))
+        return tokens + tokens @ t.T
+
+
+class FullAttention(AbstractLinearAttention, strict=True):
+    """FULL: P_k, Q_k are unconstrained D×D matrices (2·D² parameters per head)."""
+
+    p: Float[Array, "heads D D"]
+    q: Float[Array, "heads D D"]
+    scale_n: float = eqx.field(static=True, default=1.0)
+    scale_s: float = eqx.field(static=True, default=1.0)
+
+    def raw_pq(self):
+        return self.p, self.q
+
+    def operator(self, stats):
+        p, q = self.pq()
+        return jnp.einsum("kij,jl,klm->im", p, stats, q)
+
+
+class AbstractDiagAttention(AbstractLinearAttention):
+    """P_k = diag(p_x I, p_y), Q_k = diag(q_x I, q_y). The layer is then (SPEC §2)
+    x_i ← x_i + w_xx Σ x_i + w_xy y_i α,  y_i ← y_i + w_yx <α, x_i> + w_yy λ y_i."""
+
+    @abc.abstractmethod
+    def head_scalars(self) -> Float[Array, "4 heads"]:
+        """(p_x, p_y, q_x, q_y) of every head, in the layer's own units."""
+
+    def coefficients(self) -> Float[Array, "4"]:
+        """(w_xx, w_xy, w_yx, w_yy) in paper units: sums over heads of p·q products."""
+        px, py, qx, qy = self.head_scalars()
+        n, s = self.scale_n, self.scale_s
+        return jnp.stack(
+            [
+                jnp.sum(px * qx) / n,
+                jnp.sum(px * qy) / (n * s),
+                jnp.sum(py * qx) / (n * s),
+                jnp.sum(py * qy) / (n * s * s),
+            ]
+        )
+
+    def raw_pq(self):
+        px, py, qx, qy = self.head_scalars()
+        d = self.dim
+
+        def diag(ax, ay):
+            return jax.vmap(lambda a, b: jnp.diag(jnp.concatenate([jnp.full((d,), a), b[None]])))(
+                ax, ay
+            )
+
+        return diag(px, py), diag(qx, qy)
+
+    def operator(self, stats):
+        wxx, wxy, wyx, wyy = self.coefficients()
+        d = self.dim
+        top = jnp.concatenate([wxx * stats[:d, :d], wxy * stats[:d, d:]], axis=1)
+        bottom = jnp.concatenate([wyx * stats[d:, :d], wyy * stats[d:, d:]], axis=1)
+        return jnp.concatenate([top, bottom], axis=0)
+
+    dim: eqx.AbstractVar[int]
+
+
+class DiagAttention(AbstractDiagAttention, strict=True):
+    """DIAG: four scalars (p_x, p_y, q_x, q_y) per head."""
+
+    p: Float[Array, "heads 2"]
+    q: Float[Array, "heads 2"]
+    dim: int = eqx.field(static=True)
+    scale_n: float = eqx.field(static=True, default=1.0)
+    scale_s: float = eqx.field(static=True, default=1.0)
+
+    def head_scalars(self):
+        return jnp.stack([self.p[:, 0], self.p[:, 1], self.q[:, 0], self.q[:, 1]])
+
+
+class GDPPAttention(AbstractDiagAttention, strict=True):
+    """GD++: DIAG with q_y = 0 in every head, so only w_xx and w_yx remain."""
+
+    p: Float[Array, "heads 2"]
+    q_x: Float[Array, " heads"]
+    dim: int = eqx.field(static=True)
+    scale_n: float = eqx.field(static=True, default=1.0)
+    scale_s: float = eqx.field(static=True, default=1.0)
+
+    def head_scalars(self):
+        return jnp.stack([self.p[:, 0], self.p[:, 1], self.q_x, jnp.zeros_like(self.q_x)])
+
+
+def init_layer(
+    key: PRNGKeyArray,
+    model: ModelConfig,
+    d: int,
+    scale_n: float,
+    scale_s: float,
+    gd_step: float,
+    dtype=jnp.float32,
+) -> AbstractLinearAttention:
+    """One layer. `init="gd"` makes it (up to `init_scale` noise) the gradient step
+    y_i ← y_i − gd_step <α, x_i> in paper units; `init="normal"` is pure N(0, init_scale²)."""
+    h, big_d = model.heads, d + 1
+    kp, kq = jr.split(key)
+    gd = model.init == "gd"
+    # The raw value that gives the paper-unit step `gd_step` in these units.
+    g = gd_step * scale_n * scale_s if gd else 0.0
+    if model.kind == "full":
+        p = model.init_scale * jr.normal(kp, (h, big_d, big_d), dtype)
+        q = model.init_scale * jr.normal(kq, (h, big_d, big_d), dtype)
+        if gd:
+            p = p.at[0, d, d].add(-g)
+            q = q.at[0, :d, :d].add(jnp.eye(d, dtype=dtype))
+        return FullAttention(p=p, q=q, scale_n=scale_n, scale_s=scale_s)
+    p = model.init_scale * jr.normal(kp, (h, 2), dtype)
+    if gd:
+        p = p.at[0, 1].add(-g)
+    if model.kind == "diag":
+        q = model.init_scale * jr.normal(kq, (h, 2), dtype)
+        if gd:
+            q = q.at[0, 0].add(1.0)
+        return DiagAttention(p=p, q=q, dim=d, scale_n=scale_n, scale_s=scale_s)
+    q_x = model.init_scale * jr.normal(kq, (h,), dtype)
+    if gd:
+        q_x = q_x.at[0].add(1.0)
+    return GDPPAttention(p=p, q_x=q_x, dim=d, scale_n=scale_n, scale_s=scale_s)
+
+
+class LinearTransformer(eqx.Module, strict=True):
+    """A stack of linear self-attention layers of one kind (SPEC §2).
+
+    `layers` holds every layer's parameters stacked along a leading axis of length
+    `num_layers` (so `layers.p` is `(L, heads, D, D)` for FULL); the forward pass scans over
+    it. The prediction after layer l is ŷ = −(last coordinate of the query token).
+    """
+
+    layers: AbstractLinearAttention
+    num_layers: int = eqx.field(static=True)
+
+    def layer(self, index: int) -> AbstractLinearAttention:
+        """Layer `index` (0-based) as a stand-alone module."""
+        dynamic, static = eqx.partition(self.layers, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda a: a[index], dynamic), static)
+
+    def tokens(
+        self, x: Float[Array, "n d"], y: Float[Array, " n"], xq: Float[Array, "m d"]
+    ) -> Float[Array, "layers_plus_1 n_plus_m D"]:
+        """Every token, context and queries, before the first and after every layer."""
+        n = x.shape[0]
+        ctx = jnp.concatenate([x, y[:, None]], axis=1)
+        qry = jnp.concatenate([xq, jnp.zeros((xq.shape[0], 1), xq.dtype)], axis=1)
+        e0 = jnp.concatenate([ctx, qry], axis=0)
+        dynamic, static = eqx.partition(self.layers, eqx.is_array)
+
+        def step(e, dyn):
+            e = eqx.combine(dyn, static)(e, n)
+            return e, e
+
+        _, es = jax.lax.scan(step, e0, dynamic)
+        return jnp.concatenate([e0[None], es], axis=0)
+
+    def __call__(
+        self, x: Float[Array, "n d"], y: Float[Array, " n"], xq: Float[Array, "m d"]
+    ) -> Float[Array, "layers m"]:
+        """Predictions ŷ for every query after every layer (row l: after layer l + 1)."""
+        return -self.tokens(x, y, xq)[1:, x.shape[0] :, -1]
+
+    def predict(self, x: Float[Array, "n d"], y: Float[Array, " n"], xq: Float[Array, " d"]) -> Float[Array, ""]:
+        """The model's prediction for one query after the last layer."""
+        return self(x, y, xq[None])[-1, 0]
+
+    def implicit_weights(
+        self, x: Float[Array, "n d"], y: Float[Array, " n"]
+    ) -> Float[Array, "layers d"]:
+        """w^l of Theorem 4.1 after every layer: ŷ = <w^l, x_t> exactly, read off by querying
+        the basis vectors (the query never enters the context sums, so ŷ is linear in x_t)."""
+        d = x.shape[1]
+        return self(x, y, jnp.eye(d, dtype=x.dtype))
+
+    def pq(self) -> tuple[Float[Array, "layers heads D D"], Float[Array, "layers heads D D"]]:
+        """Every layer's P_k, Q_k in paper units."""
+        return eqx.filter_vmap(lambda layer: layer.pq())(self.layers)
+
+    def coefficients(self) -> Float[Array, "layers 4"]:
+        """(w_xx, w_xy, w_yx, w_yy) of every layer, paper units (DIAG and GD++ only)."""
+        if not isinstance(self.layers, AbstractDiagAttention):
+            raise TypeError("coefficients() needs a DIAG or GD++ model; use pq() for FULL")
+        return eqx.filter_vmap(lambda layer: layer.coefficients())(self.layers)
+
+
+def units(model: ModelConfig, task: TaskConfig) -> tuple[float, float]:
+    """(scale_n, scale_s) for the model's parameter units."""
+    if model.units == "paper":
+        return 1.0, 1.0
+    return float(task.n), float((task.d + task.mean_sigma2) ** 0.5)
+
+
+def init_transformer(
+    key: PRNGKeyArray, model: ModelConfig, task: TaskConfig, dtype=jnp.float32
+) -> LinearTransformer:
+    """A fresh transformer for `task`. With `init="gd"` every layer starts as the stable
+    gradient step of size 1/(n s), s² = d + E[σ²] (SPEC §8)."""
+    scale_n, scale_s = units(model, task)
+    gd_step = 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
+    keys = jr.split(key, model.layers)
+    layers = eqx.filter_vmap(
+        lambda k: init_layer(k, model, task.d, scale_n, scale_s, gd_step, dtype)
+    )(keys)
+    return LinearTransformer(layers=layers, num_layers=model.layers)

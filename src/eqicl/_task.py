@@ -1,0 +1,85 @@
+"""The noisy linear-regression task (SPEC §1) and the oracle posterior mean."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._config import TaskConfig
+
+
+class Batch(eqx.Module):
+    """A batch of regression sequences.
+
+    `x`, `y`: the n context pairs; `xq`, `yq`: the query and its noiseless target;
+    `w`: the task vector w_τ; `sigma`: the noise standard deviation σ_τ of each sequence.
+    """
+
+    x: Float[Array, "batch n d"]
+    y: Float[Array, "batch n"]
+    xq: Float[Array, "batch d"]
+    yq: Float[Array, "batch"]
+    w: Float[Array, "batch d"]
+    sigma: Float[Array, "batch"]
+
+
+def sample_sigma(
+    key: PRNGKeyArray, task: TaskConfig, batch: int, dtype=jnp.float32
+) -> Float[Array, " batch"]:
+    """σ_τ for `batch` sequences from the task's noise distribution."""
+    if task.noise == "uniform":
+        return jr.uniform(key, (batch,), dtype, 0.0, task.sigma_max)
+    if task.noise == "categorical":
+        levels = jnp.asarray(task.sigma_set, dtype)
+        return levels[jr.randint(key, (batch,), 0, len(task.sigma_set))]
+    return jnp.full((batch,), task.sigma, dtype)
+
+
+def sample_batch(
+    key: PRNGKeyArray,
+    task: TaskConfig,
+    batch: int,
+    dtype=jnp.float32,
+    sigma: Float[Array, " batch"] | None = None,
+) -> Batch:
+    """Sample `batch` sequences: w ~ N(0, I), x_i, x_t ~ N(0, I), y_i = <w, x_i> + σ ξ_i,
+    y_t = <w, x_t> (noiseless). Pass `sigma` to fix each sequence's noise level instead of
+    drawing it from the task (per-variance profiles)."""
+    kw, kx, kq, kn, ks = jr.split(key, 5)
+    w = jr.normal(kw, (batch, task.d), dtype)
+    x = jr.normal(kx, (batch, task.n, task.d), dtype)
+    xq = jr.normal(kq, (batch, task.d), dtype)
+    if sigma is None:
+        sigma = sample_sigma(ks, task, batch, dtype)
+    else:
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, dtype), (batch,))
+    noise = jr.normal(kn, (batch, task.n), dtype)
+    y = jnp.einsum("bnd,bd->bn", x, w) + sigma[:, None] * noise
+    yq = jnp.einsum("bd,bd->b", xq, w)
+    return Batch(x=x, y=y, xq=xq, yq=yq, w=w, sigma=sigma)
+
+
+def statistics(
+    x: Float[Array, "n d"], y: Float[Array, " n"]
+) -> tuple[Float[Array, "d d"], Float[Array, " d"], Float[Array, ""]]:
+    """Σ = Σ_i x_i x_iᵀ, α = Σ_i y_i x_i, λ = Σ_i y_i² (unnormalized, as in the paper)."""
+    return x.T @ x, x.T @ y, y @ y
+
+
+def ridge(
+    x: Float[Array, "n d"], y: Float[Array, " n"], lam: Float[Array, ""] | float
+) -> Float[Array, " d"]:
+    """Ridge weights (Σ + λI)⁻¹α (SPEC §4)."""
+    sigma_, alpha, _ = statistics(x, y)
+    return jnp.linalg.solve(sigma_ + lam * jnp.eye(x.shape[-1], dtype=x.dtype), alpha)
+
+
+def oracle_weights(
+    x: Float[Array, "n d"], y: Float[Array, " n"], sigma: Float[Array, ""]
+) -> Float[Array, " d"]:
+    """The posterior mean μ = (Σ + σ²I)⁻¹α of w_τ given the context: ridge with λ = σ_τ²."""
+    return ridge(x, y, sigma**2)
+
+
+batch_oracle_weights = jax.vmap(oracle_weights)

@@ -1,0 +1,167 @@
+"""Training: an ensemble of seeds trained together, many jitted steps per call, per-step data
+from `fold_in(data_key, step)`, orbax checkpoints, resume by default."""
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._config import Config, TrainConfig
+from ._model import LinearTransformer, init_transformer
+from ._task import Batch, batch_oracle_weights, sample_batch
+
+
+class TrainState(eqx.Module):
+    """Everything a resumed run needs: the model, the optimizer state and the step count."""
+
+    model: LinearTransformer
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+
+
+def train_dtype(train: TrainConfig):
+    return jnp.float64 if train.dtype == "float64" else jnp.float32
+
+
+def member_keys(seed: int, member: Int[Array, ""] | int) -> tuple[PRNGKeyArray, PRNGKeyArray]:
+    """(model_key, data_key) of ensemble member `member`."""
+    model_key, data_key = jr.split(jr.fold_in(jr.key(seed), member))
+    return model_key, data_key
+
+
+def learning_rate(train: TrainConfig) -> optax.Schedule:
+    if train.schedule == "constant":
+        if train.warmup:
+            return optax.linear_schedule(0.0, train.lr, train.warmup)
+        return optax.constant_schedule(train.lr)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train.lr,
+        warmup_steps=min(train.warmup, train.steps - 1),
+        decay_steps=train.steps,
+        end_value=train.lr * 1e-2,
+    )
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """Adam with the configured schedule, after global-norm clipping (if `clip` > 0)."""
+    adam = optax.adam(learning_rate(train), b1=train.b1, b2=train.b2)
+    if train.clip > 0:
+        return optax.chain(optax.clip_by_global_norm(train.clip), adam)
+    return adam
+
+
+def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float[Array, ""]:
+    """Training loss. `exact`: ½‖w^L − μ‖² (adjusted loss, no query or posterior noise);
+    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0)."""
+    if train.objective == "exact":
+        w = jax.vmap(model.implicit_weights)(batch.x, batch.y)[:, -1]
+        mu = batch_oracle_weights(batch.x, batch.y, batch.sigma)
+        per_seq = 0.5 * jnp.sum((w - mu) ** 2, axis=-1)
+    else:
+        pred = jax.vmap(model.predict)(batch.x, batch.y, batch.xq)
+        per_seq = 0.5 * (pred - batch.yq) ** 2
+    if train.loss_clip > 0:
+        per_seq = jnp.minimum(per_seq, train.loss_clip)
+    return jnp.mean(per_seq)
+
+
+def init_state(config: Config, member: int) -> TrainState:
+    model_key, _ = member_keys(config.seed, member)
+    model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
+    opt_state = make_optimizer(config.train).init(eqx.filter(model, eqx.is_inexact_array))
+    return TrainState(model=model, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+
+
+def init_ensemble(config: Config) -> TrainState:
+    """`train.seeds` members stacked along a leading axis."""
+    return eqx.filter_vmap(lambda m: init_state(config, m))(jnp.arange(config.train.seeds))
+
+
+def _all_finite(tree) -> Bool[Array, ""]:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    return jnp.all(jnp.stack(leaves))
+
+
+def train_step(
+    state: TrainState, member: Int[Array, ""], config: Config
+) -> tuple[TrainState, tuple[Float[Array, ""], Bool[Array, ""]]]:
+    """One optimizer step on a fresh batch. A step whose loss or gradient is not finite is
+    not applied (and reported as skipped)."""
+    optimizer = make_optimizer(config.train)
+    _, data_key = member_keys(config.seed, member)
+    batch = sample_batch(
+        jr.fold_in(data_key, state.step), config.task, config.train.batch, train_dtype(config.train)
+    )
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
+    params = eqx.filter(state.model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    model = eqx.apply_updates(state.model, updates)
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(model)
+    model, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(ok, new, old) if eqx.is_array(new) else new,
+        (model, opt_state),
+        (state.model, state.opt_state),
+    )
+    return TrainState(model=model, opt_state=opt_state, step=state.step + 1), (loss, ~ok)
+
+
+def make_train_chunk(config: Config, num_steps: int):
+    """A jitted function advancing every ensemble member by `num_steps` steps (one
+    `lax.scan`), returning the new states and each member's per-step losses and skips."""
+
+    def member_chunk(state, member):
+        return jax.lax.scan(lambda s, _: train_step(s, member, config), state, None, length=num_steps)
+
+    @eqx.filter_jit(donate="all-except-first")
+    def chunk(members: Int[Array, " members"], states: TrainState):
+        return eqx.filter_vmap(member_chunk, in_axes=(0, 0))(states, members)
+
+    return chunk
+
+
+def train_loop(
+    config: Config,
+    state: TrainState,
+    on_chunk: Callable[[TrainState, dict], None] | None = None,
+) -> TrainState:
+    """Advance a stacked ensemble state to `train.steps`, `train.steps_per_call` steps per call.
+    `on_chunk(state, metrics)` runs after every call (logging, checkpoints)."""
+    tc = config.train
+    members = jnp.arange(tc.seeds)
+    chunks: dict[int, Callable] = {}
+    step = int(state.step[0])
+    schedule = learning_rate(tc)
+    while step < tc.steps:
+        k = min(tc.steps_per_call, tc.steps - step)
+        if k not in chunks:
+            chunks[k] = make_train_chunk(config, k)
+        t0 = time.perf_counter()
+        state, (losses, skipped) = chunks[k](members, state)
+        losses = jax.device_get(losses)
+        step = int(state.step[0])
+        metrics = {
+            "step": step,
+            "loss": [float(v) for v in losses.mean(axis=1)],
+            "last_loss": [float(v) for v in losses[:, -1]],
+            "skipped": [int(v) for v in jax.device_get(skipped).sum(axis=1)],
+            "lr": float(schedule(step - 1)),
+            "seconds": time.perf_counter() - t0,
+        }
+        if on_chunk is not None:
+            on_chunk(state, metrics)
+    return state
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

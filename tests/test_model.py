@@ -1,0 +1,162 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import eqicl
+from eqicl import DiagAttention, FullAttention, GDPPAttention, LinearTransformer
+
+F64 = jnp.float64
+
+
+def _data(key, d=5, n=12, m=3, sigma=0.7):
+    task = eqicl.TaskConfig(d=d, n=n, noise="fixed", sigma=sigma)
+    b = eqicl.sample_batch(key, task, m, F64)
+    return b.x[0], b.y[0], b.xq
+
+
+def _stack(layers):
+    """Stack single layers (same class and statics) into a LinearTransformer."""
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return LinearTransformer(layers=stacked, num_layers=len(layers))
+
+
+def _numpy_forward(ps, qs, x, y, xq):
+    """SPEC §2 written directly: e_i ← e_i + Σ_k P_k (Σ_{j≤n} e_j e_jᵀ) Q_k e_i."""
+    n = x.shape[0]
+    e = np.concatenate([np.c_[x, y], np.c_[xq, np.zeros(len(xq))]])
+    preds = []
+    for p, q in zip(ps, qs):
+        s = sum(np.outer(e[j], e[j]) for j in range(n))
+        t = sum(p[k] @ s @ q[k] for k in range(p.shape[0]))
+        e = e + e @ t.T
+        preds.append(-e[n:, -1])
+    return np.array(preds)
+
+
+def test_full_matches_token_equation():
+    k1, k2, k3 = jr.split(jr.key(0), 3)
+    x, y, xq = _data(k1)
+    L, h, D = 3, 2, x.shape[1] + 1
+    ps = 0.05 * jr.normal(k2, (L, h, D, D), F64)
+    qs = 0.05 * jr.normal(k3, (L, h, D, D), F64)
+    model = _stack([FullAttention(p=ps[i], q=qs[i]) for i in range(L)])
+    got = model(x, y, xq)
+    want = _numpy_forward(np.asarray(ps), np.asarray(qs), np.asarray(x), np.asarray(y), np.asarray(xq))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gd_construction_reproduces_gd_steps():
+    """P = −η e_y e_yᵀ, Q = diag(I, 0) in every layer: layer l's prediction is the l-th
+    GD iterate on ½Σ(y_i − <w, x_i>)² from w = 0, evaluated at the query."""
+    x, y, xq = _data(jr.key(1))
+    d, eta, L = x.shape[1], 0.03, 4
+    p = jnp.zeros((1, d + 1, d + 1), F64).at[0, d, d].set(-eta)
+    q = jnp.zeros((1, d + 1, d + 1), F64).at[0, :d, :d].set(jnp.eye(d, dtype=F64))
+    model = _stack([FullAttention(p=p, q=q)] * L)
+    w = np.zeros(d)
+    xn, yn = np.asarray(x), np.asarray(y)
+    want = []
+    for _ in range(L):
+        w = w + eta * xn.T @ (yn - xn @ w)
+        want.append(np.asarray(xq) @ w)
+    np.testing.assert_allclose(model(x, y, xq), np.array(want), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(model.implicit_weights(x, y)[-1], w, rtol=1e-12, atol=1e-12)
+
+
+def _random_diag(key, d, heads, scale_n=1.0, scale_s=1.0):
+    kp, kq = jr.split(key)
+    return DiagAttention(
+        p=0.1 * jr.normal(kp, (heads, 2), F64), q=0.1 * jr.normal(kq, (heads, 2), F64),
+        dim=d, scale_n=scale_n, scale_s=scale_s,
+    )
+
+
+def test_diag_layer_is_the_spec_update():
+    x, y, xq = _data(jr.key(2))
+    layer = _random_diag(jr.key(3), x.shape[1], heads=3)
+    wxx, wxy, wyx, wyy = np.asarray(layer.coefficients())
+    xn, yn = np.asarray(x), np.asarray(y)
+    sig, alpha, lam = xn.T @ xn, xn.T @ yn, yn @ yn
+    want_x = xn + wxx * xn @ sig.T + wxy * yn[:, None] * alpha[None, :]
+    want_y = yn + wyx * xn @ alpha + wyy * lam * yn
+    e = jnp.concatenate([x, y[:, None]], axis=1)
+    got = layer(e, x.shape[0])
+    np.testing.assert_allclose(got[:, :-1], want_x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[:, -1], want_y, rtol=1e-12, atol=1e-12)
+
+
+def test_diag_equals_full_with_diagonal_structure():
+    x, y, xq = _data(jr.key(4))
+    d = x.shape[1]
+    diags = [_random_diag(k, d, heads=2, scale_n=12.0, scale_s=3.0) for k in jr.split(jr.key(5), 3)]
+    fulls = [FullAttention(p=pq[0], q=pq[1]) for pq in (layer.pq() for layer in diags)]
+    got, want = _stack(diags)(x, y, xq), _stack(fulls)(x, y, xq)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    raw_p, raw_q = diags[0].raw_pq()
+    assert jnp.all(raw_p[:, :d, :d] == raw_p[:, :1, :1] * jnp.eye(d, dtype=F64)[None])
+
+
+def test_gdpp_equals_diag_with_zero_qy():
+    x, y, xq = _data(jr.key(6))
+    d = x.shape[1]
+    diags = [_random_diag(k, d, heads=2) for k in jr.split(jr.key(7), 3)]
+    diags = [eqx.tree_at(lambda m: m.q, m, m.q.at[:, 1].set(0.0)) for m in diags]
+    gdpps = [GDPPAttention(p=m.p, q_x=m.q[:, 0], dim=d) for m in diags]
+    np.testing.assert_allclose(_stack(gdpps)(x, y, xq), _stack(diags)(x, y, xq), rtol=1e-13, atol=1e-13)
+    coeffs = _stack(gdpps).coefficients()
+    assert jnp.all(coeffs[:, 1] == 0) and jnp.all(coeffs[:, 3] == 0)
+
+
+def test_scaled_units_are_the_same_function_class():
+    """A FULL layer in scaled units equals the paper-unit layer built from its pq()."""
+    x, y, xq = _data(jr.key(8))
+    D = x.shape[1] + 1
+    kp, kq = jr.split(jr.key(9))
+    scaled = FullAttention(
+        p=0.1 * jr.normal(kp, (2, D, D), F64), q=0.1 * jr.normal(kq, (2, D, D), F64),
+        scale_n=12.0, scale_s=2.5,
+    )
+    paper = FullAttention(*scaled.pq())
+    np.testing.assert_allclose(_stack([scaled])(x, y, xq), _stack([paper])(x, y, xq), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "gdpp"])
+def test_prediction_is_linear_in_the_query(kind):
+    """Queries never enter the context sums: ŷ = <w^L, x_t>, and queries do not interact."""
+    task = eqicl.TaskConfig(d=4, n=9, sigma_max=1.0)
+    model_cfg = eqicl.ModelConfig(kind=kind, layers=3, heads=2, init="normal", init_scale=0.1)
+    model = eqicl.init_transformer(jr.key(10), model_cfg, task, F64)
+    b = eqicl.sample_batch(jr.key(11), task, 5, F64)
+    x, y = b.x[0], b.y[0]
+    w = model.implicit_weights(x, y)
+    preds = model(x, y, b.xq)
+    np.testing.assert_allclose(preds, w @ b.xq.T, rtol=1e-11, atol=1e-12)
+    alone = jnp.stack([model(x, y, b.xq[i : i + 1])[:, 0] for i in range(5)], axis=1)
+    np.testing.assert_allclose(preds, alone, rtol=1e-12, atol=1e-13)
+
+
+def test_gd_init_is_a_gd_step_in_paper_units():
+    """init="gd" without noise: every layer's operator is T = [[0, 0], [−η αᵀ, 0]] with
+    η = 1/(n s), for any context statistics S, in every parameterization."""
+    task = eqicl.TaskConfig()
+    D = task.d + 1
+    stats = jr.normal(jr.key(1), (D, D), F64)
+    stats = stats @ stats.T
+    step = 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
+    want = jnp.zeros((D, D), F64).at[-1, :-1].set(-step * stats[-1, :-1])
+    for kind in ("full", "diag", "gdpp"):
+        for units in ("scaled", "paper"):
+            cfg = eqicl.ModelConfig(kind=kind, layers=2, init="gd", init_scale=0.0, units=units)
+            model = eqicl.init_transformer(jr.key(0), cfg, task, F64)
+            got = eqx.filter_vmap(lambda layer: layer.operator(stats))(model.layers)
+            np.testing.assert_allclose(got, jnp.stack([want, want]), rtol=1e-12, atol=1e-15)
+
+
+def test_jaxtyping_checks_are_active():
+    """The test run instruments eqicl with jaxtyping + beartype: a wrong shape is an error."""
+    x = jnp.zeros((5, 3), F64)
+    with pytest.raises(Exception, match="(?i)type-check|shape|dimension"):
+        eqicl.statistics(x, jnp.zeros((4,), F64))
