@@ -40,12 +40,17 @@ def cast(tree, dtype):
 def mean_se(values) -> dict[str, float]:
     """Mean and standard error of per-sequence values."""
     v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan}
+    return {
+        "mean": float(v.mean()),
+        "se": float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan,
+    }
 
 
 @eqx.filter_jit
 def model_weights_and_predictions(
-    model: LinearTransformer, x: Float[Array, "batch n d"], y: Float[Array, "batch n"],
+    model: LinearTransformer,
+    x: Float[Array, "batch n d"],
+    y: Float[Array, "batch n"],
     xq: Float[Array, "batch d"],
 ) -> tuple[Float[Array, "batch layers d"], Float[Array, "batch layers"]]:
     """w^l of every layer (queries = basis vectors) and the prediction on the real query,
@@ -60,7 +65,9 @@ def model_weights_and_predictions(
 
 
 @eqx.filter_jit
-def model_exact_losses(model: LinearTransformer, batch, sp: Spectral) -> Float[Array, "batch layers"]:
+def model_exact_losses(
+    model: LinearTransformer, batch, sp: Spectral
+) -> Float[Array, "batch layers"]:
     """Exact adjusted loss ½‖w^l − μ‖² after every layer."""
     w, _ = model_weights_and_predictions(model, batch.x, batch.y, batch.xq)
     coords = jax.vmap(sp.to_coords, in_axes=1, out_axes=0)(w)  # (layers, batch, d)
@@ -72,8 +79,8 @@ def _layer_losses(model, batch, sp):
     coords = jax.vmap(sp.to_coords, in_axes=1, out_axes=0)(w)
     exact = exact_loss(sp, coords)  # (layers, batch)
     orc = jnp.sum(sp.oracle * sp.q, axis=-1)
-    sampled = 0.5 * (preds.T - sp.yq) ** 2 - 0.5 * (orc - sp.yq) ** 2
-    unadjusted = 0.5 * (preds.T - sp.yq) ** 2
+    unadjusted = 0.5 * (preds.T - sp.yq[None]) ** 2
+    sampled = unadjusted - 0.5 * (orc - sp.yq)[None] ** 2
     return exact, sampled, unadjusted
 
 
@@ -87,7 +94,9 @@ def _baseline_losses(tuned: TunedBaselines, sp: Spectral):
 
 def _keys(config: Config) -> dict[str, PRNGKeyArray]:
     base = jr.key(config.eval.seed)
-    return {name: jr.fold_in(base, i) for i, name in enumerate(("tune", "test", "profile", "select"))}
+    return {
+        name: jr.fold_in(base, i) for i, name in enumerate(("tune", "test", "profile", "select"))
+    }
 
 
 def tune(config: Config) -> TunedBaselines:
@@ -97,21 +106,18 @@ def tune(config: Config) -> TunedBaselines:
     return tune_baselines(sp, gd_steps=config.model.layers)
 
 
-def select_losses(
-    models: LinearTransformer, config: Config
-) -> Float[Array, " members"]:
+def select_losses(models: LinearTransformer, config: Config) -> Float[Array, " members"]:
     """Exact adjusted loss of every ensemble member (stacked models) on held-out sequences:
     the best-of-seeds selection."""
     dt = eval_dtype()
+    models = cast(models, dt)
     batch = sample_batch(_keys(config)["select"], config.task, config.train.select_sequences, dt)
     sp = spectral(batch)
 
     def one(m):
         return jnp.mean(model_exact_losses(m, batch, sp)[:, -1])
 
-    return jnp.stack(
-        [one(_member(models, i)) for i in range(_num_members(models))]
-    )
+    return jnp.stack([one(_member(models, i)) for i in range(_num_members(models))])
 
 
 def _num_members(models) -> int:
@@ -144,7 +150,9 @@ def evaluate(
     tuned = tune(config)
 
     ec = config.eval
-    chunks = [ec.chunk] * (ec.sequences // ec.chunk) + ([ec.sequences % ec.chunk] if ec.sequences % ec.chunk else [])
+    chunks = [ec.chunk] * (ec.sequences // ec.chunk) + (
+        [ec.sequences % ec.chunk] if ec.sequences % ec.chunk else []
+    )
     acc: dict[str, list] = {}
     for i, size in enumerate(chunks):
         say(f"test sequences {sum(chunks[:i])}/{ec.sequences}")
@@ -204,11 +212,16 @@ def profile(model: LinearTransformer, config: Config, tuned: TunedBaselines) -> 
     key = _keys(config)["profile"]
     for i, s in enumerate(sigmas):
         batch = sample_batch(
-            jr.fold_in(key, i), config.task, ec.profile_sequences, dt,
+            jr.fold_in(key, i),
+            config.task,
+            ec.profile_sequences,
+            dt,
             sigma=jnp.full((ec.profile_sequences,), s, dt),
         )
         sp = spectral(batch)
-        out["model"].append(np.asarray(jnp.mean(model_exact_losses(model, batch, sp), axis=0)).tolist())
+        out["model"].append(
+            np.asarray(jnp.mean(model_exact_losses(model, batch, sp), axis=0)).tolist()
+        )
         out["oracle_unadjusted"].append(float(jnp.mean(posterior_trace(sp))))
         for name, coords in tuned.coords(sp).items():
             out["baselines"].setdefault(name, []).append(float(jnp.mean(exact_loss(sp, coords))))

@@ -93,7 +93,9 @@ def prepare_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
             )
         return path
     if path.exists() and any(path.iterdir()):
-        raise RunDirError(f"{path} is not empty and is not an eqicl run directory; refusing to write there")
+        raise RunDirError(
+            f"{path} is not empty and is not an eqicl run directory; refusing to write there"
+        )
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         path / "config.json", {"format": FORMAT, "eqicl": __version__, "config": config.to_dict()}
@@ -118,7 +120,7 @@ def save_checkpoint(manager, state: TrainState) -> None:
     ocp = _ocp()
     leaves = jax.tree.leaves(eqx.filter(state, eqx.is_array))
     step = int(state.step[0])
-    manager.save(step, args=ocp.args.StandardSave({"leaves": leaves}), force=True)
+    manager.save(step, args=ocp.args.StandardSave(_as_dict(leaves)), force=True)
     manager.wait_until_finished()
 
 
@@ -129,11 +131,18 @@ def restore_checkpoint(manager, config: Config, step: int | None = None) -> Trai
     if step is None:
         return None
     shapes = skeleton(config)
-    dynamic, static = eqx.partition(shapes, eqx.is_array)
+    dynamic, static = eqx.partition(shapes, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     abstract = jax.tree.leaves(dynamic)
-    restored = manager.restore(step, args=ocp.args.StandardRestore({"leaves": abstract}))["leaves"]
+    restored = manager.restore(step, args=ocp.args.StandardRestore(_as_dict(abstract)))
+    leaves = [restored[k] for k in sorted(restored)]
     treedef = jax.tree.structure(dynamic)
-    return eqx.combine(jax.tree.unflatten(treedef, restored), static)
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+
+
+def _as_dict(leaves: list) -> dict:
+    # The state's leaves in order, under zero-padded keys: orbax stores dicts by key, and the
+    # structure itself is rebuilt from the config (static fields are never saved).
+    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
 
 
 def load_model(run_dir: str | os.PathLike, member: int | None = None):
@@ -218,17 +227,31 @@ def run(
     losses = np.asarray(select_losses(state.model, config), np.float64)
     finite = np.isfinite(losses)
     seconds = _train_seconds(metrics_path)
-    selection = {"losses": [float(v) for v in losses], "best": int(np.argmin(np.where(finite, losses, np.inf)))}
+    selection = {
+        "losses": [float(v) for v in losses],
+        "best": int(np.argmin(np.where(finite, losses, np.inf))),
+    }
     if not finite.any():
-        result = {"status": "failed", "reason": "every seed's model gives non-finite predictions",
-                  "selection": selection, "train_seconds": seconds}
+        result = {
+            "status": "failed",
+            "reason": "every seed's model gives non-finite predictions",
+            "selection": selection,
+            "train_seconds": seconds,
+        }
         write_json_atomic(eval_path, result)
         return result
-    echo(f"evaluating seed {selection['best']} of {len(losses)} on {config.eval.sequences:,} sequences")
+    echo(
+        f"evaluating seed {selection['best']} of {len(losses)} on {config.eval.sequences:,} sequences"
+    )
     t0 = time.perf_counter()
     result = evaluate(_member(state.model, selection["best"]), config)
-    result.update(status="ok" if result["model"]["finite"] else "failed", selection=selection,
-                  train_seconds=seconds, eval_seconds=time.perf_counter() - t0, steps=tc.steps)
+    result.update(
+        status="ok" if result["model"]["finite"] else "failed",
+        selection=selection,
+        train_seconds=seconds,
+        eval_seconds=time.perf_counter() - t0,
+        steps=tc.steps,
+    )
     write_json_atomic(eval_path, result)
     return result
 
@@ -236,7 +259,9 @@ def run(
 def _train_seconds(metrics_path: pathlib.Path) -> float:
     if not metrics_path.exists():
         return 0.0
-    return float(sum(json.loads(line)["seconds"] for line in metrics_path.read_text().splitlines() if line))
+    return float(
+        sum(json.loads(line)["seconds"] for line in metrics_path.read_text().splitlines() if line)
+    )
 
 
 def summary_table(config: Config, result: dict) -> str:
@@ -260,7 +285,14 @@ def summary_table(config: Config, result: dict) -> str:
     lines.append(row(name, result["model"], paper.get("model")))
     for b in ("constrr", "adarr", "tunedrr", "ols", f"gd{m.layers}"):
         if b in result["baselines"]:
-            label = {"constrr": "ConstRR", "adarr": "AdaRR", "tunedrr": "TunedRR", "ols": "OLS"}.get(b, f"GD {m.layers} steps")
+            label = {
+                "constrr": "ConstRR",
+                "adarr": "AdaRR",
+                "tunedrr": "TunedRR",
+                "ols": "OLS",
+            }.get(b, f"GD {m.layers} steps")
             lines.append(row(label, result["baselines"][b], paper.get(b)))
-    lines.append(f"train {result.get('train_seconds', 0):.1f} s, eval {result.get('eval_seconds', 0):.1f} s")
+    lines.append(
+        f"train {result.get('train_seconds', 0):.1f} s, eval {result.get('eval_seconds', 0):.1f} s"
+    )
     return "\n".join(lines)

@@ -73,7 +73,7 @@ def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float
     return jnp.mean(per_seq)
 
 
-def init_state(config: Config, member: int) -> TrainState:
+def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
     model_key, _ = member_keys(config.seed, member)
     model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
     opt_state = make_optimizer(config.train).init(eqx.filter(model, eqx.is_inexact_array))
@@ -86,7 +86,9 @@ def init_ensemble(config: Config) -> TrainState:
 
 
 def _all_finite(tree) -> Bool[Array, ""]:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    leaves = [
+        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    ]
     return jnp.all(jnp.stack(leaves))
 
 
@@ -102,7 +104,10 @@ def train_step(
     )
     loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
     params = eqx.filter(state.model, eqx.is_inexact_array)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    # optax mixes Python floats with its int32 step count (bias correction, schedules), which
+    # strict dtype promotion (on in the tests) rejects; the standard rules are exact here.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
     model = eqx.apply_updates(state.model, updates)
     ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(model)
     model, opt_state = jax.tree.map(
@@ -118,7 +123,9 @@ def make_train_chunk(config: Config, num_steps: int):
     `lax.scan`), returning the new states and each member's per-step losses and skips."""
 
     def member_chunk(state, member):
-        return jax.lax.scan(lambda s, _: train_step(s, member, config), state, None, length=num_steps)
+        return jax.lax.scan(
+            lambda s, _: train_step(s, member, config), state, None, length=num_steps
+        )
 
     @eqx.filter_jit(donate="all-except-first")
     def chunk(members: Int[Array, " members"], states: TrainState):

@@ -15,14 +15,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a linear transformer on in-context noisy linear regression, "
         "then evaluate it against the ridge baselines and the paper's Table 1.",
     )
-    parser.add_argument("--preset", default="default", help="tiny | default | paper (default: default)")
+    parser.add_argument(
+        "--preset", default="default", help="tiny | default | paper (default: default)"
+    )
     parser.add_argument("--run-dir", required=True, help="output directory (resumed if it exists)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
         help="override a config field, e.g. --set model.layers=5 --set task.sigma_max=5 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     args = parser.parse_args(argv)
 
     # Evaluation resolves losses down to 1e-12, so x64 is on; training uses train.dtype.
@@ -42,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     print(summary_table(config, result))
     return 0 if result.get("status") == "ok" else 1
