@@ -33,7 +33,7 @@ def test_ridge_ols_adarr_against_numpy(batch):
         rss = np.sum((yb - xb @ ols) ** 2)
         ada = rss / (n - d)
 
-        def ridge(lam):
+        def ridge(lam, gram=gram, alpha=alpha):
             return np.linalg.solve(gram + lam * np.eye(d), alpha)
 
         np.testing.assert_allclose(got["ols"][b], ols, rtol=1e-9, atol=1e-11)

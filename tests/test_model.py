@@ -28,7 +28,7 @@ def _numpy_forward(ps, qs, x, y, xq):
     n = x.shape[0]
     e = np.concatenate([np.c_[x, y], np.c_[xq, np.zeros(len(xq))]])
     preds = []
-    for p, q in zip(ps, qs):
+    for p, q in zip(ps, qs, strict=True):
         s = sum(np.outer(e[j], e[j]) for j in range(n))
         t = sum(p[k] @ s @ q[k] for k in range(p.shape[0]))
         e = e + e @ t.T

@@ -19,9 +19,9 @@ class Batch(eqx.Module):
     x: Float[Array, "batch n d"]
     y: Float[Array, "batch n"]
     xq: Float[Array, "batch d"]
-    yq: Float[Array, "batch"]
+    yq: Float[Array, " batch"]
     w: Float[Array, "batch d"]
-    sigma: Float[Array, "batch"]
+    sigma: Float[Array, " batch"]
 
 
 def sample_sigma(
