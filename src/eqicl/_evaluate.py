@@ -135,19 +135,23 @@ def profile_sigmas(task: TaskConfig, points: int, factor: float) -> np.ndarray:
 
 
 def evaluate(
-    model: LinearTransformer,
+    model: LinearTransformer | None,
     config: Config,
     progress: Callable[[str], None] | None = None,
+    baselines: bool = True,
 ) -> dict:
     """Everything eval.json holds: the model's adjusted loss (exact and sampled estimator, with
     standard errors) after every layer, its unadjusted loss, the baselines on the same
-    sequences, per-variance profiles, and the paper's numbers for this cell."""
+    sequences (unless `baselines=False`: a sweep scores them once per noise setting),
+    per-variance profiles, and the paper's numbers for this cell."""
     dt = eval_dtype()
-    model = cast(model, dt)
+    model = cast(model, dt) if model is not None else None
     keys = _keys(config)
     say = progress or (lambda _: None)
-    say("tuning baselines")
-    tuned = tune(config)
+    tuned = None
+    if baselines:
+        say("tuning baselines")
+        tuned = tune(config)
 
     ec = config.eval
     chunks = [ec.chunk] * (ec.sequences // ec.chunk) + (
@@ -158,18 +162,16 @@ def evaluate(
         say(f"test sequences {sum(chunks[:i])}/{ec.sequences}")
         batch = sample_batch(jr.fold_in(keys["test"], i), config.task, size, dt)
         sp = spectral(batch)
-        exact, sampled, unadj = _layer_losses(model, batch, sp)
-        acc.setdefault("exact", []).append(np.asarray(exact))
-        acc.setdefault("sampled", []).append(np.asarray(sampled))
-        acc.setdefault("unadjusted", []).append(np.asarray(unadj))
+        if model is not None:
+            exact, sampled, unadj = _layer_losses(model, batch, sp)
+            acc.setdefault("exact", []).append(np.asarray(exact))
+            acc.setdefault("sampled", []).append(np.asarray(sampled))
+            acc.setdefault("unadjusted", []).append(np.asarray(unadj))
         acc.setdefault("oracle_trace", []).append(np.asarray(posterior_trace(sp)))
-        for name, losses in _baseline_losses(tuned, sp).items():
-            acc.setdefault(name, []).append(tuple(np.asarray(v) for v in losses))
-    exact = np.concatenate(acc.pop("exact"), axis=1)
-    sampled = np.concatenate(acc.pop("sampled"), axis=1)
-    unadj = np.concatenate(acc.pop("unadjusted"), axis=1)
+        if tuned is not None:
+            for name, losses in _baseline_losses(tuned, sp).items():
+                acc.setdefault(name, []).append(tuple(np.asarray(v) for v in losses))
     oracle_trace = np.concatenate(acc.pop("oracle_trace"))
-    finite = bool(np.all(np.isfinite(exact)) and np.all(np.isfinite(sampled)))
 
     def summary(ex, sa, un):
         return {
@@ -178,31 +180,32 @@ def evaluate(
             "unadjusted": mean_se(un),
         }
 
-    result = {
-        "sequences": ec.sequences,
-        "dtype": jnp.dtype(dt).name,
-        "model": {
-            "finite": finite,
+    result: dict = {"sequences": ec.sequences, "dtype": jnp.dtype(dt).name}
+    if model is not None:
+        exact = np.concatenate(acc.pop("exact"), axis=1)
+        sampled = np.concatenate(acc.pop("sampled"), axis=1)
+        unadj = np.concatenate(acc.pop("unadjusted"), axis=1)
+        result["model"] = {
+            "finite": bool(np.all(np.isfinite(exact)) and np.all(np.isfinite(sampled))),
             **summary(exact[-1], sampled[-1], unadj[-1]),
             "after_layer": [
                 {"layer": k + 1, **summary(exact[k], sampled[k], unadj[k])}
                 for k in range(exact.shape[0])
             ],
-        },
-        "baselines": {
-            name: summary(*(np.concatenate([c[j] for c in chunks_]) for j in range(3)))
-            for name, chunks_ in acc.items()
-        },
-        "oracle_expected_unadjusted": mean_se(oracle_trace),
-        "baseline_params": dataclasses.asdict(tuned),
+        }
+    result["baselines"] = {
+        name: summary(*(np.concatenate([c[j] for c in chunks_]) for j in range(3)))
+        for name, chunks_ in acc.items()
     }
+    result["oracle_expected_unadjusted"] = mean_se(oracle_trace)
+    result["baseline_params"] = dataclasses.asdict(tuned) if tuned is not None else None
     say("per-variance profile")
     result["profile"] = profile(model, config, tuned)
     result["paper"] = {"model": paper_value(config), **paper_baselines(config.task)}
     return result
 
 
-def profile(model: LinearTransformer, config: Config, tuned: TunedBaselines) -> dict:
+def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselines | None) -> dict:
     """Exact adjusted loss (every layer and every baseline) and the oracle's expected
     unadjusted loss at fixed σ on a grid reaching beyond the training range."""
     dt = eval_dtype()
@@ -219,10 +222,15 @@ def profile(model: LinearTransformer, config: Config, tuned: TunedBaselines) -> 
             sigma=jnp.full((ec.profile_sequences,), s, dt),
         )
         sp = spectral(batch)
-        out["model"].append(
-            np.asarray(jnp.mean(model_exact_losses(model, batch, sp), axis=0)).tolist()
-        )
+        if model is not None:
+            losses = model_exact_losses(model, batch, sp)
+            out["model"].append(np.asarray(jnp.mean(losses, axis=0)).tolist())
         out["oracle_unadjusted"].append(float(jnp.mean(posterior_trace(sp))))
-        for name, coords in tuned.coords(sp).items():
+        for name, coords in (tuned.coords(sp) if tuned is not None else {}).items():
             out["baselines"].setdefault(name, []).append(float(jnp.mean(exact_loss(sp, coords))))
     return out
+
+
+def evaluate_baselines(config: Config, progress: Callable[[str], None] | None = None) -> dict:
+    """The baselines alone, on the same test sequences as `evaluate` (same keys)."""
+    return evaluate(None, config, progress=progress, baselines=True)

@@ -181,8 +181,10 @@ def run(
     run_dir: str | os.PathLike,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    baselines: bool = True,
 ) -> dict:
-    """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json."""
+    """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json
+    (with the baselines on the same sequences unless `baselines=False`)."""
     path = prepare_run_dir(run_dir, config)
     manager = checkpoint_manager(path)
     metrics_path = path / "metrics.jsonl"
@@ -244,7 +246,7 @@ def run(
         f"evaluating seed {selection['best']} of {len(losses)} on {config.eval.sequences:,} sequences"
     )
     t0 = time.perf_counter()
-    result = evaluate(_member(state.model, selection["best"]), config)
+    result = evaluate(_member(state.model, selection["best"]), config, baselines=baselines)
     result.update(
         status="ok" if result["model"]["finite"] else "failed",
         selection=selection,
