@@ -25,3 +25,7 @@ sweep *ARGS:
 # Our Table 1 beside the paper's (runs/paper/table1_vs_paper.md).
 table:
     python -m analysis.table
+
+# The paper's Figures 1-3 and 5-7 from the committed sweep results (runs/paper/figures/).
+figures:
+    python -m analysis.figures

@@ -71,23 +71,21 @@ def test_duplicated_or_foreign_rows_are_refused(tmp_path):
         read_table(path)
 
 
-def test_sweep_records_cells_and_skips_recorded_ones(tmp_path, capsys):
-    args = [
-        "--models",
-        "gdpp",
-        "--layers",
-        "1",
-        "--noise",
-        "0,{1;3}",
-        "--run-root",
-        str(tmp_path / "runs"),
-        "--paper-dir",
-        str(tmp_path / "paper"),
-        "--no-progress",
-    ]
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Two small GD++ cells swept end to end through the command line."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    args = ["--models", "gdpp", "--layers", "1", "--noise", "0,{1;3}"]
+    args += ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
+    args += ["--no-progress"]
     for s in SMALL:
         args += ["--set", s]
     assert main(args) == 0
+    return tmp_path, args
+
+
+def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
+    tmp_path, args = swept
     rows = read_table(tmp_path / "paper" / "table1.csv")
     assert set(rows) == {Cell("gdpp", 1, "0"), Cell("gdpp", 1, "{1;3}")}
     assert all(r["status"] == "ok" and float(r["exact_se"]) > 0 for r in rows.values())
@@ -128,3 +126,13 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'train.lrr'" in err and "\n" not in err.strip()
     assert not any(tmp_path.iterdir())
+
+
+def test_figures_redraw_from_committed_files(swept):
+    from analysis.figures import draw_all
+
+    tmp_path, _ = swept
+    paths = draw_all(tmp_path / "paper")
+    assert [p.name for p in paths] == [f"figure{i}.png" for i in (1, 2, 3, 5, 6, 7)]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
