@@ -24,7 +24,7 @@ from ._baselines import (
 from ._config import Config, TaskConfig
 from ._model import LinearTransformer
 from ._paper import paper_baselines, paper_value
-from ._task import sample_batch
+from ._task import sample_batch_jit as sample_batch
 
 
 def eval_dtype():
@@ -206,12 +206,21 @@ def evaluate(
 
 
 def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselines | None) -> dict:
-    """Exact adjusted loss (every layer and every baseline) and the oracle's expected
-    unadjusted loss at fixed σ on a grid reaching beyond the training range."""
+    """Exact adjusted loss (every layer and every baseline, with standard errors) and the
+    oracle's expected unadjusted loss at fixed σ on a grid reaching beyond the training range."""
     dt = eval_dtype()
     ec = config.eval
     sigmas = profile_sigmas(config.task, ec.profile_points, ec.profile_factor)
-    out: dict = {"sigma": sigmas.tolist(), "model": [], "baselines": {}, "oracle_unadjusted": []}
+    out: dict = {
+        "sigma": sigmas.tolist(),
+        "sequences": ec.profile_sequences,
+        "model": [],
+        "model_se": [],
+        "baselines": {},
+        "baselines_se": {},
+        "oracle_unadjusted": [],
+    }
+    root_n = math.sqrt(ec.profile_sequences)
     key = _keys(config)["profile"]
     for i, s in enumerate(sigmas):
         batch = sample_batch(
@@ -223,11 +232,14 @@ def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselin
         )
         sp = spectral(batch)
         if model is not None:
-            losses = model_exact_losses(model, batch, sp)
-            out["model"].append(np.asarray(jnp.mean(losses, axis=0)).tolist())
+            losses = np.asarray(model_exact_losses(model, batch, sp))
+            out["model"].append(losses.mean(axis=0).tolist())
+            out["model_se"].append((losses.std(axis=0, ddof=1) / root_n).tolist())
         out["oracle_unadjusted"].append(float(jnp.mean(posterior_trace(sp))))
         for name, coords in (tuned.coords(sp) if tuned is not None else {}).items():
-            out["baselines"].setdefault(name, []).append(float(jnp.mean(exact_loss(sp, coords))))
+            losses = np.asarray(exact_loss(sp, coords))
+            out["baselines"].setdefault(name, []).append(float(losses.mean()))
+            out["baselines_se"].setdefault(name, []).append(float(losses.std(ddof=1) / root_n))
     return out
 
 

@@ -227,8 +227,7 @@ def record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: dic
                 "config": config.to_dict(),
                 "after_layer": model["after_layer"],
                 "profile": {
-                    "sigma": result["profile"]["sigma"],
-                    "model": result["profile"]["model"],
+                    k: result["profile"][k] for k in ("sigma", "sequences", "model", "model_se")
                 },
                 "selection": result.get("selection"),
             },

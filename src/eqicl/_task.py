@@ -1,5 +1,7 @@
 """The noisy linear-regression task (SPEC §1) and the oracle posterior mean."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,18 @@ def sample_batch(
     y = jnp.einsum("bnd,bd->bn", x, w) + sigma[:, None] * noise
     yq = jnp.einsum("bd,bd->b", xq, w)
     return Batch(x=x, y=y, xq=xq, yq=yq, w=w, sigma=sigma)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "batch", "dtype"))
+def sample_batch_jit(
+    key: PRNGKeyArray,
+    task: TaskConfig,
+    batch: int,
+    dtype=jnp.float32,
+    sigma: Float[Array, " batch"] | None = None,
+) -> Batch:
+    """`sample_batch` compiled as one program (evaluation samples outside any jit)."""
+    return sample_batch(key, task, batch, dtype, sigma)
 
 
 def statistics(

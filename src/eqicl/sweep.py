@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    import jax
+    from ._cli import setup_jax
 
-    jax.config.update("jax_enable_x64", True)
+    setup_jax()
     from ._run import RunDirError
     from ._sweep import SweepError, cell_config, parse_cells, read_table, sweep
 
