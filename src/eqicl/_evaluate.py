@@ -24,6 +24,7 @@ from ._baselines import (
 from ._config import Config, TaskConfig
 from ._model import LinearTransformer
 from ._paper import paper_baselines, paper_value
+from ._task import prng_key
 from ._task import sample_batch_jit as sample_batch
 
 
@@ -93,7 +94,7 @@ def _baseline_losses(tuned: TunedBaselines, sp: Spectral):
 
 
 def _keys(config: Config) -> dict[str, PRNGKeyArray]:
-    base = jr.key(config.eval.seed)
+    base = prng_key(config.eval.seed)
     return {
         name: jr.fold_in(base, i) for i, name in enumerate(("tune", "test", "profile", "select"))
     }

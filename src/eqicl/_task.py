@@ -10,6 +10,16 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._config import TaskConfig
 
+PRNG_IMPL = "rbg"
+
+
+def prng_key(seed: int) -> PRNGKeyArray:
+    """The root key of a run or an evaluation. `rbg` draws bits with XLA's RngBitGenerator
+    (split and fold_in stay threefry): deterministic on a given backend, and it compiles an
+    order of magnitude faster than threefry on XLA:CPU (measured 1 s vs 14 s for one batched
+    sampler on 2 cores), which dominates short runs, resumes and tests."""
+    return jr.key(seed, impl=PRNG_IMPL)
+
 
 class Batch(eqx.Module):
     """A batch of regression sequences.

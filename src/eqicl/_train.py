@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import Config, TrainConfig
 from ._model import LinearTransformer, init_transformer
-from ._task import Batch, batch_oracle_weights, sample_batch
+from ._task import Batch, batch_oracle_weights, prng_key, sample_batch
 
 
 class TrainState(eqx.Module):
@@ -32,7 +32,7 @@ def train_dtype(train: TrainConfig):
 
 def member_keys(seed: int, member: Int[Array, ""] | int) -> tuple[PRNGKeyArray, PRNGKeyArray]:
     """(model_key, data_key) of ensemble member `member`."""
-    model_key, data_key = jr.split(jr.fold_in(jr.key(seed), member))
+    model_key, data_key = jr.split(jr.fold_in(prng_key(seed), member))
     return model_key, data_key
 
 
