@@ -93,6 +93,29 @@ def _baseline_losses(tuned: TunedBaselines, sp: Spectral):
     return out
 
 
+@eqx.filter_jit
+def _chunk_losses(model: LinearTransformer | None, tuned: TunedBaselines | None, batch) -> dict:
+    """Every per-sequence loss of one chunk of test sequences, in one compiled program."""
+    sp = spectral(batch)
+    out = {"oracle_trace": posterior_trace(sp)}
+    if model is not None:
+        out["model"] = _layer_losses(model, batch, sp)
+    if tuned is not None:
+        out["baselines"] = _baseline_losses(tuned, sp)
+    return out
+
+
+@eqx.filter_jit
+def _profile_point(model: LinearTransformer | None, tuned: TunedBaselines | None, batch) -> dict:
+    sp = spectral(batch)
+    out = {"oracle_trace": posterior_trace(sp)}
+    if model is not None:
+        out["model"] = model_exact_losses(model, batch, sp)
+    if tuned is not None:
+        out["baselines"] = {name: exact_loss(sp, c) for name, c in tuned.coords(sp).items()}
+    return out
+
+
 def _keys(config: Config) -> dict[str, PRNGKeyArray]:
     base = prng_key(config.eval.seed)
     return {
@@ -162,16 +185,15 @@ def evaluate(
     for i, size in enumerate(chunks):
         say(f"test sequences {sum(chunks[:i])}/{ec.sequences}")
         batch = sample_batch(jr.fold_in(keys["test"], i), config.task, size, dt)
-        sp = spectral(batch)
+        out = jax.device_get(_chunk_losses(model, tuned, batch))
         if model is not None:
-            exact, sampled, unadj = _layer_losses(model, batch, sp)
-            acc.setdefault("exact", []).append(np.asarray(exact))
-            acc.setdefault("sampled", []).append(np.asarray(sampled))
-            acc.setdefault("unadjusted", []).append(np.asarray(unadj))
-        acc.setdefault("oracle_trace", []).append(np.asarray(posterior_trace(sp)))
-        if tuned is not None:
-            for name, losses in _baseline_losses(tuned, sp).items():
-                acc.setdefault(name, []).append(tuple(np.asarray(v) for v in losses))
+            exact, sampled, unadj = out["model"]
+            acc.setdefault("exact", []).append(exact)
+            acc.setdefault("sampled", []).append(sampled)
+            acc.setdefault("unadjusted", []).append(unadj)
+        acc.setdefault("oracle_trace", []).append(out["oracle_trace"])
+        for name, losses in out.get("baselines", {}).items():
+            acc.setdefault(name, []).append(losses)
     oracle_trace = np.concatenate(acc.pop("oracle_trace"))
 
     def summary(ex, sa, un):
@@ -231,14 +253,13 @@ def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselin
             dt,
             sigma=jnp.full((ec.profile_sequences,), s, dt),
         )
-        sp = spectral(batch)
+        point = jax.device_get(_profile_point(model, tuned, batch))
         if model is not None:
-            losses = np.asarray(model_exact_losses(model, batch, sp))
+            losses = point["model"]
             out["model"].append(losses.mean(axis=0).tolist())
             out["model_se"].append((losses.std(axis=0, ddof=1) / root_n).tolist())
-        out["oracle_unadjusted"].append(float(jnp.mean(posterior_trace(sp))))
-        for name, coords in (tuned.coords(sp) if tuned is not None else {}).items():
-            losses = np.asarray(exact_loss(sp, coords))
+        out["oracle_unadjusted"].append(float(point["oracle_trace"].mean()))
+        for name, losses in point.get("baselines", {}).items():
             out["baselines"].setdefault(name, []).append(float(losses.mean()))
             out["baselines_se"].setdefault(name, []).append(float(losses.std(ddof=1) / root_n))
     return out
