@@ -61,7 +61,9 @@ def _token_errors(model, terms, x, y, xq):
     return jax.vmap(one)(terms, x, y, xq)
 
 
-def reconstruction_error(model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: Terms | None = None) -> dict:
+def reconstruction_error(
+    model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: Terms | None = None
+) -> dict:
     """Largest |token from Theorem 4.1 terms − token of the forward pass| over the batch,
     absolute and relative to the largest token, before the first and after every layer."""
     if terms is None:
@@ -135,8 +137,11 @@ def full_structure(model: eqicl.LinearTransformer) -> list[list[dict]]:
     """`matrix_structure` of P_k and Q_k (paper units) for every layer and head."""
     p, q = (np.asarray(v) for v in model.pq())
     return [
-        [{"P": matrix_structure(p[l, k]), "Q": matrix_structure(q[l, k])} for k in range(p.shape[1])]
-        for l in range(p.shape[0])
+        [
+            {"P": matrix_structure(p[j, k]), "Q": matrix_structure(q[j, k])}
+            for k in range(p.shape[1])
+        ]
+        for j in range(p.shape[0])
     ]
 
 
@@ -182,12 +187,12 @@ def weight_distances(
     # The baselines' own adjusted loss ½‖ridge_λ − μ‖² on the same sequences, for reference.
     base = np.asarray(_ridge_distances(e, a, mu[:, None, :], lams))[:, :, 0].mean(axis=1)
     return {
-        "oracle": [_mean_se(oracle[:, l]) for l in range(oracle.shape[1])],
+        "oracle": [_mean_se(oracle[:, j]) for j in range(oracle.shape[1])],
         "ols": ridge[0].tolist() if lam_list[0] == 0 else None,
         "lambdas": lam_list.tolist(),
         "ridge": ridge.T.tolist(),  # (layers + 1, lambdas)
         "best_lambda": [float(lam_list[i]) for i in best],
-        "best_lambda_distance": [float(ridge[i, l]) for l, i in enumerate(best)],
+        "best_lambda_distance": [float(ridge[i, j]) for j, i in enumerate(best)],
         "ridge_loss": base.tolist(),
         "best_constant_lambda": float(lam_list[int(base.argmin())]),
         "best_constant_loss": float(base.min()),
@@ -196,7 +201,10 @@ def weight_distances(
 
 @eqx.filter_jit
 def batch_momentum(
-    coef: Float[Array, "layers 4"], terms: Terms, x: Float[Array, "batch n d"], y: Float[Array, "batch n"]
+    coef: Float[Array, "layers 4"],
+    terms: Terms,
+    x: Float[Array, "batch n d"],
+    y: Float[Array, "batch n"],
 ) -> Momentum:
     """`momentum_view` of every sequence of a batch."""
     return jax.vmap(momentum_view, in_axes=(None, 0, 0, 0))(coef, terms, x, y)
@@ -224,25 +232,28 @@ def momentum_summary(model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: 
     ‖Φu‖ / (‖Φu‖ + ‖ΠΣg‖): where it is large, u acts as a momentum buffer."""
     mo = batch_momentum(model.coefficients(), terms, batch.x, batch.y)
     lam_eig, g_sv, p_sv, f_sv, err_u, err_w, share = (
-        np.asarray(v) for v in _momentum_numbers(mo, terms.u[:, :-1], terms.u[:, 1:], terms.w[:, 1:])
+        np.asarray(v)
+        for v in _momentum_numbers(mo, terms.u[:, :-1], terms.u[:, 1:], terms.w[:, 1:])
     )
     layers = []
-    for l in range(lam_eig.shape[1]):
+    for j in range(lam_eig.shape[1]):
         layers.append(
             {
-                "layer": l + 1,
-                "Lambda_eigenvalues": _range(lam_eig[:, l]),
-                "momentum_decay_eigenvalues": _range(1 - lam_eig[:, l]),
-                "Gamma_singular_values": _range(g_sv[:, l]),
-                "Pi_singular_values": _range(p_sv[:, l]),
-                "Phi_singular_values": _range(f_sv[:, l]),
-                "s": _range(np.asarray(mo.s)[:, l]),
-                "momentum_share": _mean_se(share[:, l]),
-                "identity_max_abs_u": float(err_u[:, l].max()),
-                "identity_max_abs_w": float(err_w[:, l].max()),
+                "layer": j + 1,
+                "Lambda_eigenvalues": _range(lam_eig[:, j]),
+                "momentum_decay_eigenvalues": _range(1 - lam_eig[:, j]),
+                "Gamma_singular_values": _range(g_sv[:, j]),
+                "Pi_singular_values": _range(p_sv[:, j]),
+                "Phi_singular_values": _range(f_sv[:, j]),
+                "s": _range(np.asarray(mo.s)[:, j]),
+                "momentum_share": _mean_se(share[:, j]),
+                "identity_max_abs_u": float(err_u[:, j].max()),
+                "identity_max_abs_w": float(err_w[:, j].max()),
             }
         )
-    scale = max(float(np.max(np.abs(np.asarray(terms.w)))), float(np.max(np.abs(np.asarray(terms.u)))), 1.0)
+    scale = max(
+        float(np.max(np.abs(np.asarray(terms.w)))), float(np.max(np.abs(np.asarray(terms.u)))), 1.0
+    )
     return {
         "identity_max_abs": float(max(err_u.max(), err_w.max())),
         "identity_max_rel": float(max(err_u.max(), err_w.max()) / scale),
@@ -264,12 +275,18 @@ def _noise_numbers(coef, terms: Terms, x, y):
 def noise_adaptation(model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: Terms) -> dict:
     """Per layer: the effective gradient step w_yx(1 + w_xy ρ) (ρ = RSS; negative is a descent
     step; w_xy < 0 shrinks it as the noise grows) and the rescaling 1 + δ^l (= 1 + w_yy λ^l for
-    DIAG), as batch means. For FULL the step uses the block statistics of P and Q."""
-    rho, step, rescale = (np.asarray(v) for v in _noise_numbers(coefficients(model), terms, batch.x, batch.y))
+    DIAG), as batch means. For FULL the step uses the block statistics of P and Q.
+
+    The step is SPEC §6's per-layer summary. Exactly, the w_xy of one layer builds the buffer u
+    (Lemma 4.4) whose a ρ u term enters the next layer's α^l, so it shifts the following
+    layers' steps; the best-fitting ridge λ of `weight_distances` is the exact account."""
+    rho, step, rescale = (
+        np.asarray(v) for v in _noise_numbers(coefficients(model), terms, batch.x, batch.y)
+    )
     return {
         "rho": _mean_se(rho),
-        "effective_step": [_mean_se(step[:, l]) for l in range(step.shape[1])],
-        "rescaling": [_mean_se(rescale[:, l]) for l in range(rescale.shape[1])],
+        "effective_step": [_mean_se(step[:, j]) for j in range(step.shape[1])],
+        "rescaling": [_mean_se(rescale[:, j]) for j in range(rescale.shape[1])],
     }
 
 
@@ -279,13 +296,13 @@ def terms_summary(terms: Terms) -> list[dict]:
     eye = np.eye(M.shape[-1])
     return [
         {
-            "layer": l,
-            "M_minus_I_norm": _mean_se(np.linalg.norm(M[:, l] - eye, axis=(-2, -1))),
-            "u_norm": _mean_se(np.linalg.norm(u[:, l], axis=-1)),
-            "w_norm": _mean_se(np.linalg.norm(w[:, l], axis=-1)),
-            "a": _mean_se(a[:, l]),
+            "layer": j,
+            "M_minus_I_norm": _mean_se(np.linalg.norm(M[:, j] - eye, axis=(-2, -1))),
+            "u_norm": _mean_se(np.linalg.norm(u[:, j], axis=-1)),
+            "w_norm": _mean_se(np.linalg.norm(w[:, j], axis=-1)),
+            "a": _mean_se(a[:, j]),
         }
-        for l in range(M.shape[1])
+        for j in range(M.shape[1])
     ]
 
 
@@ -335,8 +352,14 @@ def per_sigma(
     the exact adjusted loss ½‖w^l − μ‖², the best-fitting ridge λ (compare with σ², the
     oracle's), the effective step size and the rescaling factor."""
     dt = model.pq()[0].dtype
-    out: dict = {"sigma": [float(s) for s in sigmas], "oracle": [], "best_lambda": [],
-                 "effective_step": [], "rescaling": [], "rho": []}
+    out: dict = {
+        "sigma": [float(s) for s in sigmas],
+        "oracle": [],
+        "best_lambda": [],
+        "effective_step": [],
+        "rescaling": [],
+        "rho": [],
+    }
     for i, s in enumerate(sigmas):
         batch = eqicl.sample_batch(
             jr.fold_in(key, i), task, sequences, dt, sigma=jnp.full((sequences,), s, dt)

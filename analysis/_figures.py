@@ -32,14 +32,14 @@ def plot_pq(p, q, path: pathlib.Path) -> pathlib.Path:
     fig = Figure(figsize=(2.6 * layers + 0.6, 2.4 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), layers, squeeze=False)
     for r, (name, mats) in enumerate(rows):
-        for l in range(layers):
-            ax = axes[r, l]
-            m = mats[l]
+        for j in range(layers):
+            ax = axes[r, j]
+            m = mats[j]
             lim = float(np.max(np.abs(m))) or 1.0
             im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"layer {l + 1}: {name}", fontsize=9)
+            ax.set_title(f"layer {j + 1}: {name}", fontsize=9)
             fig.colorbar(im, ax=ax, shrink=0.8, format="%.2g")
     fig.suptitle("P and Q of every layer (paper units; last row/column is y)")
     return _save(fig, path)
@@ -73,8 +73,12 @@ def plot_loss_after_layers(weights: dict, path: pathlib.Path) -> pathlib.Path:
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.subplots()
     ax.errorbar(k, mean, yerr=se, fmt="o-", capsize=3, label="model after k layers")
-    ax.axhline(weights["best_constant_loss"], color="C2", ls="--",
-               label=f"ridge, best single λ = {weights['best_constant_lambda']:.3g}")
+    ax.axhline(
+        weights["best_constant_loss"],
+        color="C2",
+        ls="--",
+        label=f"ridge, best single λ = {weights['best_constant_lambda']:.3g}",
+    )
     if weights["lambdas"][0] == 0:
         ax.axhline(weights["ridge_loss"][0], color="C3", ls=":", label="OLS")
     ax.set_yscale("log")
@@ -98,12 +102,12 @@ def plot_noise(per_sigma: dict, kind: str, path: pathlib.Path) -> pathlib.Path:
     colors = _layer_colors(layers)
     fig = Figure(figsize=(11, 8), layout="constrained")
     (a1, a2), (a3, a4) = fig.subplots(2, 2)
-    for l in range(layers):
-        lab = f"layer {l + 1}"
-        a1.plot(sig, step[:, l], "o-", color=colors[l], label=lab)
-        a2.plot(sig, rescale[:, l], "o-", color=colors[l], label=lab)
-        a3.plot(sig, lam[:, l], "o-", color=colors[l], label=lab)
-        a4.plot(sig, loss[:, l], "o-", color=colors[l], label=lab)
+    for j in range(layers):
+        lab = f"layer {j + 1}"
+        a1.plot(sig, step[:, j], "o-", color=colors[j], label=lab)
+        a2.plot(sig, rescale[:, j], "o-", color=colors[j], label=lab)
+        a3.plot(sig, lam[:, j], "o-", color=colors[j], label=lab)
+        a4.plot(sig, loss[:, j], "o-", color=colors[j], label=lab)
     a1.axhline(0.0, color="0.6", lw=0.8)
     approx = " (block statistics)" if kind == "full" else ""
     a1.set_title(f"effective step w_yx(1 + w_xy ρ){approx}", fontsize=10)
@@ -130,8 +134,12 @@ def write_figures(result: dict, out_dir: pathlib.Path) -> dict[str, str]:
         "coefficients": plot_coefficients(
             result["coefficients"]["values"], result["kind"], out_dir / "coefficients.png"
         ),
-        "loss_after_layers": plot_loss_after_layers(result["weights"], out_dir / "loss_after_layers.png"),
+        "loss_after_layers": plot_loss_after_layers(
+            result["weights"], out_dir / "loss_after_layers.png"
+        ),
     }
     if result.get("per_sigma"):
-        paths["noise"] = plot_noise(result["per_sigma"], result["kind"], out_dir / "noise_adaptation.png")
+        paths["noise"] = plot_noise(
+            result["per_sigma"], result["kind"], out_dir / "noise_adaptation.png"
+        )
     return {k: str(v) for k, v in paths.items()}

@@ -71,20 +71,28 @@ def analyse_run(
     if sigmas is not None and any(not (0 <= s < float("inf")) for s in sigmas):
         raise ValueError(f"--sigma values must be finite and >= 0, got {list(sigmas)}")
     if not jax.config.read("jax_enable_x64"):
-        raise ValueError("analysis runs in float64: call jax.config.update('jax_enable_x64', True) first")
+        raise ValueError(
+            "analysis runs in float64: call jax.config.update('jax_enable_x64', True) first"
+        )
     path = pathlib.Path(run_dir)
     model, config, ev = load_finished(path)
     model = _float64(model)
     sigmas = default_sigmas(config.task) if sigmas is None else [float(s) for s in sigmas]
     batch_key, sigma_key = jr.split(jr.key(seed))
-    echo(f"analysing {path} (seed {ev['selection']['best']}, {config.model.kind} "
-         f"{config.model.layers} layers) on {sequences:,} sequences")
+    echo(
+        f"analysing {path} (seed {ev['selection']['best']}, {config.model.kind} "
+        f"{config.model.layers} layers) on {sequences:,} sequences"
+    )
     batch = eqicl.sample_batch(batch_key, config.task, sequences, jnp.float64)
     result = analyse(model, batch)
     result["per_sigma"] = per_sigma(model, config.task, sigma_key, sigmas, sequences)
     result.update(
-        format=FORMAT, eqicl=eqicl.__version__, run_dir=str(path), member=ev["selection"]["best"],
-        seed=seed, task=config.to_dict()["task"],
+        format=FORMAT,
+        eqicl=eqicl.__version__,
+        run_dir=str(path),
+        member=ev["selection"]["best"],
+        seed=seed,
+        task=config.to_dict()["task"],
     )
     out = path / "analysis"
     out.mkdir(exist_ok=True)
@@ -107,15 +115,20 @@ def summary(result: dict) -> str:
         mo = result["momentum"]
         lines.append(f"Lemma 4.4 identity: max |error| = {mo['identity_max_abs']:.2e}")
     src = "" if result["kind"] != "full" else " (block statistics of P, Q)"
-    lines.append(f"{'layer':<7}{'w_xx':>11}{'w_xy':>11}{'w_yx':>11}{'w_yy':>11}{'loss':>11}{'best λ':>9}{src}")
+    lines.append(
+        f"{'layer':<7}{'w_xx':>11}{'w_xy':>11}{'w_yx':>11}{'w_yy':>11}{'loss':>11}{'best λ':>9}{src}"
+    )
     w = result["weights"]
-    for l, c in enumerate(result["coefficients"]["values"]):
+    for j, c in enumerate(result["coefficients"]["values"]):
         lines.append(
-            f"{l + 1:<7}" + "".join(f"{v:>11.3g}" for v in c)
-            + f"{w['oracle'][l + 1]['mean']:>11.4g}{w['best_lambda'][l + 1]:>9.3g}"
+            f"{j + 1:<7}"
+            + "".join(f"{v:>11.3g}" for v in c)
+            + f"{w['oracle'][j + 1]['mean']:>11.4g}{w['best_lambda'][j + 1]:>9.3g}"
         )
-    lines.append(f"(best single ridge λ on these sequences: loss {w['best_constant_loss']:.4g} "
-                 f"at λ = {w['best_constant_lambda']:.3g})")
+    lines.append(
+        f"(best single ridge λ on these sequences: loss {w['best_constant_loss']:.4g} "
+        f"at λ = {w['best_constant_lambda']:.3g})"
+    )
     for name, p in result.get("figures", {}).items():
         lines.append(f"figure {name}: {p}")
     return "\n".join(lines)

@@ -45,7 +45,9 @@ def token_statistics(
     Σ^l = MΣMᵀ + Mαuᵀ + uαᵀMᵀ + λuuᵀ,  α^l = M(aα − Σw) + u(aλ − <α, w>),
     λ^l = a²λ − 2a<w, α> + wᵀΣw (expand the sums of Theorem 4.1's token form).
     """
-    sxx = M @ sigma @ M.T + jnp.outer(M @ alpha, u) + jnp.outer(u, M @ alpha) + lam * jnp.outer(u, u)
+    sxx = (
+        M @ sigma @ M.T + jnp.outer(M @ alpha, u) + jnp.outer(u, M @ alpha) + lam * jnp.outer(u, u)
+    )
     sxy = M @ (a * alpha - sigma @ w) + u * (a * lam - alpha @ w)
     syy = a * a * lam - 2 * a * (w @ alpha) + w @ sigma @ w
     top = jnp.concatenate([sxx, sxy[:, None]], axis=1)
@@ -84,7 +86,7 @@ def theorem41_terms(
     zero = jnp.zeros((d,), x.dtype)
     init = (eye, zero, zero, jnp.ones((), x.dtype))
     _, (after, stats, ops) = jax.lax.scan(step, init, dynamic)
-    M, u, w, a = (jnp.concatenate([i[None], r], axis=0) for i, r in zip(init, after))
+    M, u, w, a = (jnp.concatenate([i[None], r], axis=0) for i, r in zip(init, after, strict=True))
     return Terms(M=M, u=u, w=w, a=a, stats=stats, operator=ops)
 
 
@@ -124,7 +126,9 @@ class Momentum(eqx.Module):
     w_next: Float[Array, "layers d"]
 
 
-def rss(x: Float[Array, "n d"], y: Float[Array, " n"]) -> tuple[Float[Array, " d"], Float[Array, ""]]:
+def rss(
+    x: Float[Array, "n d"], y: Float[Array, " n"]
+) -> tuple[Float[Array, " d"], Float[Array, ""]]:
     """(w*, ρ): the least-squares weights Σ⁺α (minimum norm when Σ is singular) and the
     residual sum of squares ρ = λ − <α, w*>."""
     sigma, alpha, lam = eqicl.statistics(x, y)
@@ -164,6 +168,14 @@ def momentum_view(
         coefficients, terms.M[:-1], terms.u[:-1], terms.w[:-1], terms.a[:-1], terms.stats
     )
     return Momentum(
-        Lambda=Lambda, Gamma=Gamma, s=s, Pi=Pi, Phi=Phi, gradient=grad, w_star=w_star,
-        rho=rho, u_next=u_next, w_next=w_next,
+        Lambda=Lambda,
+        Gamma=Gamma,
+        s=s,
+        Pi=Pi,
+        Phi=Phi,
+        gradient=grad,
+        w_star=w_star,
+        rho=rho,
+        u_next=u_next,
+        w_next=w_next,
     )

@@ -26,11 +26,20 @@ def main(argv: list[str] | None = None) -> int:
         "regression weights, DIAG coefficients, Lemma 4.4 momentum view, and figures.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished eqicl run directory")
-    parser.add_argument("--sequences", type=int, default=2000,
-                        help="fresh sequences of the run's task (and per σ value); default 2000")
-    parser.add_argument("--sigma", nargs="+", default=None, metavar="S",
-                        help="noise levels for the per-variance view, e.g. --sigma 0 1 2 3 or "
-                        "--sigma 0,1,2,3 (default: 7 values up to 1.5 × the training range)")
+    parser.add_argument(
+        "--sequences",
+        type=int,
+        default=2000,
+        help="fresh sequences of the run's task (and per σ value); default 2000",
+    )
+    parser.add_argument(
+        "--sigma",
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="noise levels for the per-variance view, e.g. --sigma 0 1 2 3 or "
+        "--sigma 0,1,2,3 (default: 7 values up to 1.5 × the training range)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the analysis sequences")
     parser.add_argument("--no-figures", action="store_true", help="write extract.json only")
     args = parser.parse_args(argv)
@@ -53,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from ._run import analyse_run, summary
 
     try:
-        result = analyse_run(args.run_dir, args.sequences, sigmas, args.seed, figures=not args.no_figures)
+        result = analyse_run(
+            args.run_dir, args.sequences, sigmas, args.seed, figures=not args.no_figures
+        )
     except (eqicl.RunDirError, eqicl.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

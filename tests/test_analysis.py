@@ -1,8 +1,4 @@
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +19,8 @@ def _stack(layers):
     return LinearTransformer(layers=stacked, num_layers=len(layers))
 
 
-def _random_model(kind, key, layers=4, heads=3, scale=0.2, d=4, n=9):
+def _random_model(kind, key, layers=3, heads=3, scale=0.2, d=4, n=9):
+    # One shape for every test, so that jit compilations are shared between them.
     task = eqicl.TaskConfig(d=d, n=n, sigma_max=1.5)
     cfg = eqicl.ModelConfig(kind=kind, layers=layers, heads=heads, init="normal", init_scale=scale)
     return eqicl.init_transformer(key, cfg, task, F64), task
@@ -34,10 +31,12 @@ def test_recursion_reproduces_every_token_of_full_models(units):
     """Theorem 4.1 with the SPEC §6 recursion, from the weights and Σ, α, λ only, gives every
     context and query token after every layer of a random multi-head FULL model."""
     task = eqicl.TaskConfig(d=4, n=9, sigma_max=1.5)
-    cfg = eqicl.ModelConfig(kind="full", layers=4, heads=3, init="normal", init_scale=0.2, units=units)
+    cfg = eqicl.ModelConfig(
+        kind="full", layers=3, heads=3, init="normal", init_scale=0.2, units=units
+    )
     for i, key in enumerate(jr.split(jr.key(0), 3)):
         model = eqicl.init_transformer(key, cfg, task, F64)
-        b = eqicl.sample_batch(jr.fold_in(jr.key(1), i), task, 3, F64)
+        b = eqicl.sample_batch(jr.fold_in(jr.key(1), i), task, 8, F64)
         x, y = b.x[0], b.y[0]
         terms = analysis.theorem41_terms(model, x, y)
         want = model.tokens(x, y, b.xq)
@@ -45,13 +44,14 @@ def test_recursion_reproduces_every_token_of_full_models(units):
         assert float(jnp.max(jnp.abs(want))) > 1.0  # the layers do move the tokens
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
         # S^l rebuilt from the terms is the statistics the forward pass feeds layer l + 1.
-        stats = jax.vmap(lambda e: eqicl.context_statistics(e, x.shape[0]))(want[:-1])
+        n = x.shape[0]
+        stats = jnp.stack([eqicl.context_statistics(e, n) for e in want[:-1]])
         np.testing.assert_allclose(terms.stats, stats, rtol=1e-10, atol=1e-10)
 
 
 def test_reconstruction_error_on_a_batch_is_round_off():
     model, task = _random_model("full", jr.key(2))
-    batch = eqicl.sample_batch(jr.key(3), task, 16, F64)
+    batch = eqicl.sample_batch(jr.key(3), task, 8, F64)
     rec = analysis.reconstruction_error(model, batch)
     assert rec["max_rel"] < 1e-12
     assert len(rec["per_layer_max_abs"]) == model.num_layers + 1
@@ -60,7 +60,7 @@ def test_reconstruction_error_on_a_batch_is_round_off():
 
 @pytest.mark.parametrize("n", [9, 3])  # n <= d: Σ singular, w* = Σ⁺α
 def test_lemma44_identity_for_random_diag_models(n):
-    model, task = _random_model("diag", jr.key(4), heads=2, n=n)
+    model, task = _random_model("diag", jr.key(4), n=n)
     batch = eqicl.sample_batch(jr.key(5), task, 8, F64)
     terms = analysis.batch_terms(model, batch.x, batch.y)
     mo = analysis.batch_momentum(model.coefficients(), terms, batch.x, batch.y)
@@ -105,7 +105,7 @@ def test_gd_construction_extracts_the_gd_iterates():
 
 
 def test_gdpp_extraction_has_no_xy_and_no_yy_terms():
-    model, task = _random_model("gdpp", jr.key(7), heads=2)
+    model, task = _random_model("gdpp", jr.key(7))
     batch = eqicl.sample_batch(jr.key(8), task, 8, F64)
     coef = analysis.coefficients(model)
     np.testing.assert_array_equal(coef[:, 1], 0.0)
@@ -121,7 +121,7 @@ def test_gdpp_extraction_has_no_xy_and_no_yy_terms():
 
 
 def test_block_statistics_equal_diag_coefficients():
-    model, _ = _random_model("diag", jr.key(9), heads=3)
+    model, _ = _random_model("diag", jr.key(9))
     np.testing.assert_allclose(
         analysis.block_statistics(model), model.coefficients(), rtol=1e-13, atol=1e-16
     )
@@ -138,28 +138,32 @@ def test_matrix_structure_of_diagonal_plus_rank_one():
 
 
 def test_weight_distances_match_the_evaluator_and_numpy_ridge():
-    model, task = _random_model("diag", jr.key(10), layers=3, heads=2, scale=0.1)
-    batch = eqicl.sample_batch(jr.key(11), task, 32, F64)
+    model, task = _random_model("diag", jr.key(10), scale=0.1)
+    batch = eqicl.sample_batch(jr.key(11), task, 8, F64)
     terms = analysis.batch_terms(model, batch.x, batch.y)
     lams = [0.0, 0.3, 2.0]
     dist = analysis.weight_distances(terms, batch, lams)
     sp = eqicl.spectral(batch)
     w_fwd = jax.vmap(model.implicit_weights)(batch.x, batch.y)  # from the forward pass
-    want = [float(jnp.mean(eqicl.exact_loss(sp, sp.to_coords(w_fwd[:, l])))) for l in range(3)]
+    want = [float(jnp.mean(eqicl.exact_loss(sp, sp.to_coords(w_fwd[:, j])))) for j in range(3)]
     np.testing.assert_allclose([v["mean"] for v in dist["oracle"][1:]], want, rtol=1e-10)
     w = np.asarray(terms.w)
     for j, lam in enumerate(lams):
-        ridge = np.stack([
-            np.linalg.solve(xb.T @ xb + lam * np.eye(task.d), xb.T @ yb)
-            for xb, yb in zip(np.asarray(batch.x), np.asarray(batch.y))
-        ])
+        ridge = np.stack(
+            [
+                np.linalg.solve(xb.T @ xb + lam * np.eye(task.d), xb.T @ yb)
+                for xb, yb in zip(np.asarray(batch.x), np.asarray(batch.y), strict=True)
+            ]
+        )
         got = np.array(dist["ridge"])[:, j]
-        np.testing.assert_allclose(got, 0.5 * np.sum((w - ridge[:, None]) ** 2, -1).mean(0), rtol=1e-10)
+        np.testing.assert_allclose(
+            got, 0.5 * np.sum((w - ridge[:, None]) ** 2, -1).mean(0), rtol=1e-10
+        )
     assert dist["ols"] == np.array(dist["ridge"])[:, 0].tolist()
 
 
 def test_noise_adaptation_is_the_diag_formula():
-    model, task = _random_model("diag", jr.key(12), layers=3, heads=2, scale=0.1)
+    model, task = _random_model("diag", jr.key(12), scale=0.1)
     batch = eqicl.sample_batch(jr.key(13), task, 8, F64)
     terms = analysis.batch_terms(model, batch.x, batch.y)
     noise = analysis.noise_adaptation(model, batch, terms)
@@ -171,7 +175,9 @@ def test_noise_adaptation_is_the_diag_formula():
     )
     rho = np.asarray(jax.vmap(analysis.rss)(batch.x, batch.y)[1])
     step = coef[None, :, 2] * (1 + coef[None, :, 1] * rho[:, None])
-    np.testing.assert_allclose([s["mean"] for s in noise["effective_step"]], step.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        [s["mean"] for s in noise["effective_step"]], step.mean(0), rtol=1e-12
+    )
 
 
 # Run directories -------------------------------------------------------------------------
@@ -195,8 +201,10 @@ def _fake_run(path, fmt=1, eval_json=None):
         (lambda p: _fake_run(p / "unfinished"), "unfinished"),
         (lambda p: _fake_run(p / "bad", eval_json={"status": "ok"}), "not a valid eval.json"),
         (
-            lambda p: _fake_run(p / "failed", eval_json={"status": "failed", "reason": "NaN",
-                                                         "selection": {"best": 0}}),
+            lambda p: _fake_run(
+                p / "failed",
+                eval_json={"status": "failed", "reason": "NaN", "selection": {"best": 0}},
+            ),
             "failed run",
         ),
         (
@@ -223,16 +231,18 @@ def test_bad_arguments_are_usage_errors(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A finished `tiny` run (20 steps), trained by the real CLI in a subprocess: training is
-    not what is tested here, and outside this process it runs under JAX's default promotion
-    rules and without the test-time type checker."""
+    """A finished `tiny` run, shortened to 20 steps: analysis needs a trained model, not a
+    good one."""
     path = tmp_path_factory.mktemp("runs") / "tiny"
-    roots = [str(pathlib.Path(m.__file__).parents[1]) for m in (eqicl, analysis)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "eqicl.train", "--preset", "tiny", "--set", "train.steps=20",
-           "--run-dir", str(path), "--no-progress"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    short = [
+        "train.steps=20",
+        "train.select_sequences=128",
+        "eval.sequences=500",
+        "eval.tune_sequences=500",
+        "eval.chunk=500",
+        "eval.profile_points=2",
+    ]
+    eqicl.run(eqicl.preset("tiny", short), path, progress=False, echo=lambda _: None)
     return path
 
 
@@ -251,8 +261,12 @@ def test_extract_end_to_end_on_a_tiny_run(tiny_run, capsys):
     np.testing.assert_allclose(
         result["coefficients"]["values"], np.asarray(model.coefficients(), np.float64), rtol=1e-6
     )
-    files = {"pq": "pq_heatmaps", "coefficients": "coefficients",
-             "loss_after_layers": "loss_after_layers", "noise": "noise_adaptation"}
+    files = {
+        "pq": "pq_heatmaps",
+        "coefficients": "coefficients",
+        "loss_after_layers": "loss_after_layers",
+        "noise": "noise_adaptation",
+    }
     for name, stem in files.items():
         png = tiny_run / "analysis" / f"{stem}.png"
         assert result["figures"][name] == str(png)
