@@ -55,6 +55,7 @@ def token_statistics(
     return jnp.concatenate([top, bottom], axis=0)
 
 
+@eqx.filter_jit
 def theorem41_terms(
     model: eqicl.LinearTransformer, x: Float[Array, "n d"], y: Float[Array, " n"]
 ) -> Terms:
@@ -90,6 +91,7 @@ def theorem41_terms(
     return Terms(M=M, u=u, w=w, a=a, stats=stats, operator=ops)
 
 
+@eqx.filter_jit
 def reconstruct_tokens(
     terms: Terms, x: Float[Array, "n d"], y: Float[Array, " n"], xq: Float[Array, "m d"]
 ) -> Float[Array, "layers_plus_1 n_plus_m D"]:
@@ -138,6 +140,7 @@ def rss(
     return w_star, lam - alpha @ w_star
 
 
+@eqx.filter_jit
 def momentum_view(
     coefficients: Float[Array, "layers 4"],
     terms: Terms,

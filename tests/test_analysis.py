@@ -1,5 +1,6 @@
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -12,6 +13,10 @@ from analysis import extract as extract_cli
 from eqicl import FullAttention, LinearTransformer
 
 F64 = jnp.float64
+
+
+# model.tokens is not jitted in eqicl; one jitted wrapper is compiled once per model shape.
+_tokens = eqx.filter_jit(lambda model, x, y, xq: model.tokens(x, y, xq))
 
 
 def _stack(layers):
@@ -39,7 +44,7 @@ def test_recursion_reproduces_every_token_of_full_models(units):
         b = eqicl.sample_batch(jr.fold_in(jr.key(1), i), task, 8, F64)
         x, y = b.x[0], b.y[0]
         terms = analysis.theorem41_terms(model, x, y)
-        want = model.tokens(x, y, b.xq)
+        want = _tokens(model, x, y, b.xq)
         got = analysis.reconstruct_tokens(terms, x, y, b.xq)
         assert float(jnp.max(jnp.abs(want))) > 1.0  # the layers do move the tokens
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
@@ -168,7 +173,7 @@ def test_noise_adaptation_is_the_diag_formula():
     terms = analysis.batch_terms(model, batch.x, batch.y)
     noise = analysis.noise_adaptation(model, batch, terms)
     coef = np.asarray(model.coefficients())
-    tokens = jax.vmap(model.tokens)(batch.x, batch.y, batch.xq[:, None])
+    tokens = jax.vmap(_tokens, in_axes=(None, 0, 0, 0))(model, batch.x, batch.y, batch.xq[:, None])
     lam_l = np.sum(np.asarray(tokens)[:, :-1, : task.n, -1] ** 2, axis=-1)  # (batch, layers)
     np.testing.assert_allclose(
         [r["mean"] for r in noise["rescaling"]], (1 + coef[None, :, 3] * lam_l).mean(0), rtol=1e-12
