@@ -125,7 +125,7 @@ def matrix_structure(m: np.ndarray) -> dict:
     return {
         "x_diagonal_mean": float(part[0, 0]) if d else 0.0,
         "yy": float(m[d, d]),
-        "diagonal_fraction": float(np.sum(part**2) / total) if total > 0 else math.nan,
+        "diagonal_fraction": float(np.sum(part**2) / total) if total > 0 else None,
         "rest_norm": float(np.sqrt(np.sum(rest**2))),
         "rest_rank_99": int(np.searchsorted(energy, 0.99) + 1) if sv[0] > 0 else 0,
         "rest_stable_rank": float(np.sum(sv**2) / sv[0] ** 2) if sv[0] > 0 else 0.0,

@@ -49,7 +49,8 @@ def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, 
     except Exception as e:  # orbax raises many kinds for a damaged checkpoint directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise eqicl.RunDirError(
-            f"{path}: cannot restore the checkpoint ({type(e).__name__}: {first[:200]})"
+            f"{path}: cannot restore the checkpoint (written by another eqicl version? "
+            f"{type(e).__name__}: {first[:200]})"
         ) from None
     return model, config, ev
 

@@ -54,13 +54,19 @@ def test_recursion_reproduces_every_token_of_full_models(units):
         np.testing.assert_allclose(terms.stats, stats, rtol=1e-10, atol=1e-10)
 
 
-def test_reconstruction_error_on_a_batch_is_round_off():
+def test_full_analysis_reconstructs_at_round_off_and_reads_off_structure():
     model, task = _random_model("full", jr.key(2))
     batch = eqicl.sample_batch(jr.key(3), task, 8, F64)
-    rec = analysis.reconstruction_error(model, batch)
+    result = analysis.analyse(model, batch)
+    rec = result["reconstruction"]
     assert rec["max_rel"] < 1e-12
     assert len(rec["per_layer_max_abs"]) == model.num_layers + 1
     assert rec["per_layer_max_abs"][0] == 0.0  # before the first layer the terms are exact
+    assert "momentum" not in result  # Lemma 4.4 is a DIAG statement
+    # Random P, Q: little of their mass is diagonal, and the rest has full rank.
+    p = result["structure"][0][0]["P"]
+    assert p["diagonal_fraction"] < 0.5 and p["rest_rank_99"] >= task.d
+    np.testing.assert_allclose(result["coefficients"]["values"], analysis.block_statistics(model))
 
 
 @pytest.mark.parametrize("n", [9, 3])  # n <= d: Σ singular, w* = Σ⁺α
