@@ -3,6 +3,7 @@
 # Train the default model (DIAG, 3 layers, sigma ~ U(0, 3)) into runs/default, evaluate it, analyse it.
 train *ARGS:
     python -m eqicl.train --preset default --run-dir runs/default {{ARGS}}
+    python -m analysis.extract runs/default
 
 # The default test suite (fast on 2 CPU cores; jaxtyping + beartype active).
 test *ARGS:

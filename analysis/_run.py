@@ -1,0 +1,135 @@
+"""Analysis of a run directory: reads only config.json, eval.json and the checkpoints
+(STYLE §7), writes `analysis/extract.json` and the figures beside them."""
+
+import json
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+import eqicl
+
+from ._extract import analyse, default_sigmas, per_sigma
+from ._figures import write_figures
+
+FORMAT = 1
+
+
+def _float64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
+
+
+def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, eqicl.Config, dict]:
+    """(model, config, eval.json) of a finished run: the seed eval.json selected, from the
+    latest checkpoint. Raises `eqicl.RunDirError` (one-line message) for anything else."""
+    path = pathlib.Path(run_dir)
+    if not path.is_dir():
+        raise eqicl.RunDirError(f"{path} does not exist or is not a directory")
+    config = eqicl.read_run_config(path)  # checks the format version
+    ev_path = path / "eval.json"
+    hint = f"finish it first with `python -m eqicl.train --run-dir {path} ...` (same config)"
+    if not ev_path.is_file():
+        raise eqicl.RunDirError(f"{path} is unfinished (no eval.json); {hint}")
+    try:
+        ev = json.loads(ev_path.read_text())
+        best = int(ev["selection"]["best"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}") from None
+    if ev.get("status") != "ok":
+        reason = ev.get("reason", "non-finite predictions")
+        raise eqicl.RunDirError(f"{path} is a failed run ({reason}); there is no model to analyse")
+    try:
+        model, _ = eqicl.load_model(path, member=best)
+    except eqicl.RunDirError:
+        raise
+    except Exception as e:  # orbax raises many kinds for a damaged checkpoint directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise eqicl.RunDirError(
+            f"{path}: cannot restore the checkpoint (written by another eqicl version? "
+            f"{type(e).__name__}: {first[:200]})"
+        ) from None
+    return model, config, ev
+
+
+def analyse_run(
+    run_dir: str | os.PathLike,
+    sequences: int = 2000,
+    sigmas: Sequence[float] | None = None,
+    seed: int = 0,
+    figures: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Analyse a finished run: `analyse` on `sequences` fresh sequences of its task and
+    `per_sigma` at `sigmas` (default: 7 values from 0 to 1.5 × the largest training σ), in
+    float64. Writes RUN_DIR/analysis/extract.json and PNG figures; returns what it wrote.
+    Needs `jax_enable_x64` (the reconstruction error is meant to be at float64 round-off)."""
+    if sequences < 2:
+        raise ValueError(f"--sequences must be >= 2, got {sequences}")
+    if sigmas is not None and any(not (0 <= s < float("inf")) for s in sigmas):
+        raise ValueError(f"--sigma values must be finite and >= 0, got {list(sigmas)}")
+    if not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "analysis runs in float64: call jax.config.update('jax_enable_x64', True) first"
+        )
+    path = pathlib.Path(run_dir)
+    model, config, ev = load_finished(path)
+    model = _float64(model)
+    sigmas = default_sigmas(config.task) if sigmas is None else [float(s) for s in sigmas]
+    batch_key, sigma_key = jr.split(jr.key(seed))
+    echo(
+        f"analysing {path} (seed {ev['selection']['best']}, {config.model.kind} "
+        f"{config.model.layers} layers) on {sequences:,} sequences"
+    )
+    batch = eqicl.sample_batch(batch_key, config.task, sequences, jnp.float64)
+    result = analyse(model, batch)
+    result["per_sigma"] = per_sigma(model, config.task, sigma_key, sigmas, sequences)
+    result.update(
+        format=FORMAT,
+        eqicl=eqicl.__version__,
+        run_dir=str(path),
+        member=ev["selection"]["best"],
+        seed=seed,
+        task=config.to_dict()["task"],
+    )
+    out = path / "analysis"
+    out.mkdir(exist_ok=True)
+    if figures:
+        result["figures"] = write_figures(result, out)
+    tmp = out / f".extract.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, out / "extract.json")
+    return result
+
+
+def summary(result: dict) -> str:
+    """A few lines for the terminal: reconstruction error, coefficients, loss after k layers."""
+    rec = result["reconstruction"]
+    lines = [
+        f"Theorem 4.1 reconstruction: max |token error| = {rec['max_abs']:.2e} "
+        f"(relative {rec['max_rel']:.2e}, {rec['dtype']})",
+    ]
+    if "momentum" in result:
+        mo = result["momentum"]
+        lines.append(f"Lemma 4.4 identity: max |error| = {mo['identity_max_abs']:.2e}")
+    src = "" if result["kind"] != "full" else " (block statistics of P, Q)"
+    lines.append(
+        f"{'layer':<7}{'w_xx':>11}{'w_xy':>11}{'w_yx':>11}{'w_yy':>11}{'loss':>11}{'best λ':>9}{src}"
+    )
+    w = result["weights"]
+    for j, c in enumerate(result["coefficients"]["values"]):
+        lines.append(
+            f"{j + 1:<7}"
+            + "".join(f"{v:>11.3g}" for v in c)
+            + f"{w['oracle'][j + 1]['mean']:>11.4g}{w['best_lambda'][j + 1]:>9.3g}"
+        )
+    lines.append(
+        f"(best single ridge λ on these sequences: loss {w['best_constant_loss']:.4g} "
+        f"at λ = {w['best_constant_lambda']:.3g})"
+    )
+    for name, p in result.get("figures", {}).items():
+        lines.append(f"figure {name}: {p}")
+    return "\n".join(lines)
