@@ -14,6 +14,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import Config, TrainConfig
+from ._fast import Stats, per_sequence_loss, sample_stats
 from ._model import LinearTransformer, init_transformer
 from ._task import Batch, batch_oracle_weights, sample_batch
 
@@ -58,10 +59,15 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return adam
 
 
-def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float[Array, ""]:
+def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) -> Float[Array, ""]:
     """Training loss. `exact`: ½‖w^L − μ‖² (adjusted loss, no query or posterior noise);
-    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0)."""
-    if train.objective == "exact":
+    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0).
+
+    A `Stats` batch runs the statistics formulation (eqicl._fast, the default); a `Batch`
+    runs the paper's token equation through `LinearTransformer` (the reference)."""
+    if isinstance(batch, Stats):
+        per_seq = per_sequence_loss(model, batch, train.objective)
+    elif train.objective == "exact":
         w = jax.vmap(model.implicit_weights)(batch.x, batch.y)[:, -1]
         mu = batch_oracle_weights(batch.x, batch.y, batch.sigma)
         per_seq = 0.5 * jnp.sum((w - mu) ** 2, axis=-1)
@@ -71,6 +77,20 @@ def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float
     if train.loss_clip > 0:
         per_seq = jnp.minimum(per_seq, train.loss_clip)
     return jnp.mean(per_seq)
+
+
+def sample_train_data(key: PRNGKeyArray, config: Config) -> Batch | Stats:
+    """One step's batch in the form `train.formulation` consumes. Under a mesh with a "data"
+    axis (see `train_loop`) the batch axis is sharded over it."""
+    tc = config.train
+    if tc.formulation == "stats":
+        return sample_stats(key, config.task, tc.batch, train_dtype(tc), tc.sampler)
+    batch = sample_batch(key, config.task, tc.batch, train_dtype(tc))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and "data" in mesh.axis_names:
+        spec = jax.sharding.PartitionSpec("data")
+        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), batch)
+    return batch
 
 
 def init_state(config: Config, member: int) -> TrainState:
@@ -97,9 +117,7 @@ def train_step(
     not applied (and reported as skipped)."""
     optimizer = make_optimizer(config.train)
     _, data_key = member_keys(config.seed, member)
-    batch = sample_batch(
-        jr.fold_in(data_key, state.step), config.task, config.train.batch, train_dtype(config.train)
-    )
+    batch = sample_train_data(jr.fold_in(data_key, state.step), config)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
     params = eqx.filter(state.model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
