@@ -16,3 +16,7 @@ test-slow *ARGS:
 lint:
     ruff check .
     ruff format --check .
+
+# Training-step benchmark: eqicl vs a plain reference, FLOPs, n = 20/200/2000; writes runs/bench/results.json.
+bench *ARGS:
+    python -m bench.bench {{ARGS}}

@@ -31,7 +31,7 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._config import TaskConfig
-from ._model import LinearTransformer
+from ._model import AbstractLinearAttention, LinearTransformer
 from ._task import Batch, sample_sigma
 
 
@@ -84,10 +84,16 @@ def _identity_branch(x):
     return x
 
 
+def _nan_branch(x):
+    return jnp.full_like(x, jnp.nan)
+
+
 def _cond_identity(x):
-    # The predicate is data-dependent so that XLA cannot fold the conditional away; both
-    # branches are the identity, so the value never depends on it.
-    return lax.cond(jnp.isfinite(x.ravel()[0]), _identity_branch, _identity_branch, x)
+    # A conditional on a data-dependent predicate that XLA can neither fold nor merge (its
+    # branches differ). The value is x whenever x's first entry is finite; otherwise x holds
+    # a non-finite number, the step's loss or gradient is non-finite anyway and the step is
+    # skipped, so the NaN branch changes no result.
+    return lax.cond(jnp.isfinite(x.ravel()[0]), _identity_branch, _nan_branch, x)
 
 
 @jax.custom_batching.custom_vmap
@@ -137,6 +143,15 @@ sandwich.defvjp(_sandwich_fwd, _sandwich_bwd)
 # The forward pass on statistics.
 
 
+def _operator(
+    layer: AbstractLinearAttention, s: Float[Array, "D D batch"]
+) -> Float[Array, "D D batch"]:
+    """Tˡ = layer.operator(Sˡ) for every sequence, batch last."""
+    # The layer's own operator, vmapped over the batch axis: for FULL, P S Q with shared P, Q
+    # becomes GEMMs over all sequences; for DIAG/GD++ an element-wise scaling of S's blocks.
+    return jax.vmap(layer.operator, in_axes=2, out_axes=2)(s)
+
+
 def layer_maps(
     model: LinearTransformer, s: Float[Array, "D D batch"]
 ) -> Float[Array, "layers D D batch"]:
@@ -146,14 +161,38 @@ def layer_maps(
 
     def step(s_l, dyn):
         layer = eqx.combine(dyn, static)
-        # The layer's own operator, vmapped over the batch axis: for FULL, P S Q with shared
-        # P, Q becomes GEMMs; for DIAG/GD++ an element-wise scaling of the blocks of S.
-        t = jax.vmap(layer.operator, in_axes=2, out_axes=2)(s_l)
+        t = _operator(layer, s_l)
         a = eye + t
         return sandwich(a, s_l), a
 
     _, maps = lax.scan(step, s, dynamic)
     return maps
+
+
+@jax.custom_vjp
+def _row_times(r: Float[Array, "D batch"], a: Float[Array, "D D batch"]) -> Float[Array, "D batch"]:
+    """rᵀ A per sequence, unrolled (XLA-CPU's reduce over a non-minor axis is an order of
+    magnitude slower than the same sum written as multiply-adds)."""
+    out = r[0, None, :] * a[0]
+    for j in range(1, a.shape[0]):
+        out = out + r[j, None, :] * a[j]
+    return out
+
+
+def _row_times_fwd(r, a):
+    return _row_times(r, a), (r, a)
+
+
+def _row_times_bwd(res, g):
+    # d/dr = A ḡ, d/dA = r ḡᵀ: one outer product instead of autodiff's D padded slices.
+    r, a = res
+    r_bar = a[:, 0, :] * g[0, None, :]
+    for k in range(1, a.shape[1]):
+        r_bar = r_bar + a[:, k, :] * g[k, None, :]
+    return r_bar, r[:, None, :] * g[None, :, :]
+
+
+_row_times.defvjp(_row_times_fwd, _row_times_bwd)
 
 
 def final_weights(
@@ -163,11 +202,7 @@ def final_weights(
     maps = layer_maps(model, s)
     big_d, batch = s.shape[0], s.shape[-1]
     row = jnp.zeros((big_d, batch), s.dtype).at[-1].set(1.0)
-
-    def back(r, a):
-        return jnp.sum(r[:, None, :] * a, axis=0), None
-
-    row, _ = lax.scan(back, row, maps, reverse=True)
+    row, _ = lax.scan(lambda r, a: (_row_times(r, a), None), row, maps, reverse=True)
     return -row[:-1]
 
 

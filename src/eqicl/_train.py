@@ -1,6 +1,7 @@
 """Training: an ensemble of seeds trained together, many jitted steps per call, per-step data
 from `fold_in(data_key, step)`, orbax checkpoints, resume by default."""
 
+import contextlib
 import json
 import os
 import time
@@ -11,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import Config, TrainConfig
 from ._fast import Stats, per_sequence_loss, sample_stats
 from ._model import LinearTransformer, init_transformer
+from ._parallel import data_mesh
 from ._task import Batch, batch_oracle_weights, sample_batch
 
 
@@ -151,18 +154,27 @@ def train_loop(
     on_chunk: Callable[[TrainState, dict], None] | None = None,
 ) -> TrainState:
     """Advance a stacked ensemble state to `train.steps`, `train.steps_per_call` steps per call.
-    `on_chunk(state, metrics)` runs after every call (logging, checkpoints)."""
+    `on_chunk(state, metrics)` runs after every call (logging, checkpoints).
+
+    On several devices (`train.devices`) the state is replicated over a "data" mesh and
+    every step's batch is sharded over it; the result equals one device's up to round-off."""
     tc = config.train
     members = jnp.arange(tc.seeds)
     chunks: dict[int, Callable] = {}
     step = int(state.step[0])
     schedule = learning_rate(tc)
+    mesh = data_mesh(tc)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = eqx.filter_shard(state, replicated)
+        members = eqx.filter_shard(members, replicated)
     while step < tc.steps:
         k = min(tc.steps_per_call, tc.steps - step)
         if k not in chunks:
             chunks[k] = make_train_chunk(config, k)
         t0 = time.perf_counter()
-        state, (losses, skipped) = chunks[k](members, state)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            state, (losses, skipped) = chunks[k](members, state)
         losses = jax.device_get(losses)
         step = int(state.step[0])
         metrics = {

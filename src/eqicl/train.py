@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
     jax.config.update("jax_enable_x64", True)
     from ._config import ConfigError, preset
+    from ._parallel import initialize_distributed
+
+    initialize_distributed()  # multi-host: only when a multi-process launch is detected
     from ._run import RunDirError, run, summary_table
 
     try:
