@@ -30,3 +30,7 @@ table:
 # The paper's Figures 1-3 and 5-7 from the committed sweep results (runs/paper/figures/).
 figures:
     python -m analysis.figures
+
+# Training-step benchmark: eqicl vs a plain reference, FLOPs, n = 20/200/2000; writes runs/bench/results.json.
+bench *ARGS:
+    python -m bench.bench {{ARGS}}

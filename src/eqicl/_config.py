@@ -122,7 +122,14 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. `objective="exact"` trains on ½‖w^L − μ‖² (SPEC §5), `"sampled"` on
-    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it)."""
+    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it).
+
+    `formulation="stats"` runs the forward pass on the D×D context statistics (Theorem 4.1,
+    n-independent, the fast path); `"tokens"` runs the paper's token equation (the reference).
+    `sampler="wishart"` draws the statistics directly from their exact distribution (stats
+    formulation only; needs n ≥ d + 1, else tokens are sampled); `"tokens"` samples the tokens.
+    `devices`: data-parallel devices sharing each step's batch (0: every local device whose
+    count divides the batch; results equal a single device's up to round-off)."""
 
     steps: int = 3000
     batch: int = 512
@@ -139,11 +146,27 @@ class TrainConfig:
     steps_per_call: int = 100
     checkpoint_every: int = 1000
     select_sequences: int = 10_000
+    # Performance (results unchanged to round-off; see README "Performance"):
+    formulation: Literal["stats", "tokens"] = "stats"
+    sampler: Literal["wishart", "tokens"] = "wishart"
+    devices: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch", "seeds", "steps_per_call", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.devices < 0:
+            raise ConfigError(f"train.devices must be >= 0 (0: all), got {self.devices}")
+        if self.devices > 0 and self.batch % self.devices:
+            raise ConfigError(
+                f"train.batch ({self.batch}) must be a multiple of train.devices ({self.devices})"
+            )
+        if self.formulation not in ("stats", "tokens"):
+            raise ConfigError(
+                f"train.formulation must be 'stats' or 'tokens', got {self.formulation!r}"
+            )
+        if self.sampler not in ("wishart", "tokens"):
+            raise ConfigError(f"train.sampler must be 'wishart' or 'tokens', got {self.sampler!r}")
         if self.warmup < 0:
             raise ConfigError(f"train.warmup must be >= 0, got {self.warmup}")
         if self.select_sequences < 1:

@@ -1,6 +1,7 @@
 """Training: an ensemble of seeds trained together, many jitted steps per call, per-step data
 from `fold_in(data_key, step)`, orbax checkpoints, resume by default."""
 
+import contextlib
 import json
 import os
 import time
@@ -11,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import Config, TrainConfig
+from ._fast import Stats, per_sequence_loss, sample_stats
 from ._model import LinearTransformer, init_transformer
+from ._parallel import data_mesh
 from ._task import Batch, batch_oracle_weights, prng_key, sample_batch
 
 
@@ -58,10 +62,15 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return adam
 
 
-def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float[Array, ""]:
+def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) -> Float[Array, ""]:
     """Training loss. `exact`: ½‖w^L − μ‖² (adjusted loss, no query or posterior noise);
-    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0)."""
-    if train.objective == "exact":
+    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0).
+
+    A `Stats` batch runs the statistics formulation (eqicl._fast, the default); a `Batch`
+    runs the paper's token equation through `LinearTransformer` (the reference)."""
+    if isinstance(batch, Stats):
+        per_seq = per_sequence_loss(model, batch, train.objective)
+    elif train.objective == "exact":
         w = jax.vmap(model.implicit_weights)(batch.x, batch.y)[:, -1]
         mu = batch_oracle_weights(batch.x, batch.y, batch.sigma)
         per_seq = 0.5 * jnp.sum((w - mu) ** 2, axis=-1)
@@ -71,6 +80,20 @@ def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float
     if train.loss_clip > 0:
         per_seq = jnp.minimum(per_seq, train.loss_clip)
     return jnp.mean(per_seq)
+
+
+def sample_train_data(key: PRNGKeyArray, config: Config) -> Batch | Stats:
+    """One step's batch in the form `train.formulation` consumes. Under a mesh with a "data"
+    axis (see `train_loop`) the batch axis is sharded over it."""
+    tc = config.train
+    if tc.formulation == "stats":
+        return sample_stats(key, config.task, tc.batch, train_dtype(tc), tc.sampler)
+    batch = sample_batch(key, config.task, tc.batch, train_dtype(tc))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and "data" in mesh.axis_names:
+        spec = jax.sharding.PartitionSpec("data")
+        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), batch)
+    return batch
 
 
 def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
@@ -99,9 +122,7 @@ def train_step(
     not applied (and reported as skipped)."""
     optimizer = make_optimizer(config.train)
     _, data_key = member_keys(config.seed, member)
-    batch = sample_batch(
-        jr.fold_in(data_key, state.step), config.task, config.train.batch, train_dtype(config.train)
-    )
+    batch = sample_train_data(jr.fold_in(data_key, state.step), config)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
     params = eqx.filter(state.model, eqx.is_inexact_array)
     # optax mixes Python floats with its int32 step count (bias correction, schedules), which
@@ -140,18 +161,27 @@ def train_loop(
     on_chunk: Callable[[TrainState, dict], None] | None = None,
 ) -> TrainState:
     """Advance a stacked ensemble state to `train.steps`, `train.steps_per_call` steps per call.
-    `on_chunk(state, metrics)` runs after every call (logging, checkpoints)."""
+    `on_chunk(state, metrics)` runs after every call (logging, checkpoints).
+
+    On several devices (`train.devices`) the state is replicated over a "data" mesh and
+    every step's batch is sharded over it; the result equals one device's up to round-off."""
     tc = config.train
     members = jnp.arange(tc.seeds)
     chunks: dict[int, Callable] = {}
     step = int(state.step[0])
     schedule = learning_rate(tc)
+    mesh = data_mesh(tc)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = eqx.filter_shard(state, replicated)
+        members = eqx.filter_shard(members, replicated)
     while step < tc.steps:
         k = min(tc.steps_per_call, tc.steps - step)
         if k not in chunks:
             chunks[k] = make_train_chunk(config, k)
         t0 = time.perf_counter()
-        state, (losses, skipped) = chunks[k](members, state)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            state, (losses, skipped) = chunks[k](members, state)
         losses = jax.device_get(losses)
         step = int(state.step[0])
         metrics = {

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_jax()
     from ._config import ConfigError, preset
+    from ._parallel import initialize_distributed
+
+    initialize_distributed()  # multi-host: only when a multi-process launch is detected
     from ._run import RunDirError, run, summary_table
 
     try:

@@ -1,0 +1,360 @@
+"""The fast training path: the forward pass on the D×D context statistics (Theorem 4.1),
+batch-last, with the data sampled as statistics.
+
+Why this is exact. Every layer multiplies every token by the same matrix, e ← (I + Tˡ) e with
+Tˡ = layer.operator(Sˡ), so after l layers the context statistics are
+Sˡ⁺¹ = (I + Tˡ) Sˡ (I + Tˡ)ᵀ and the query token is Cᴸ (x_t, 0) with Cᴸ = Π_l (I + Tˡ).
+The prediction is ŷ = <wᴸ, x_t> with wᴸ = −(last row of Cᴸ)[:d]. The model therefore sees the
+context only through S⁰ = Σ_j e_j e_jᵀ: the step costs O(L·D³) per sequence whatever n is.
+
+Why batch-last. XLA on CPU runs a batch of 11×11 products well only when the batch is the
+innermost, vectorised axis and the product is unrolled into D multiply-adds (`_bmm`); it runs
+products with a shared parameter matrix (the layer's P S Q) as one large GEMM. Two chained
+unrolled products must not be fused into one loop (XLA would recompute the inner product D
+times), hence `_materialize`; and their autodiff is poor, hence the hand-written VJP of
+`sandwich`.
+
+Why the Wishart sampler is exact. Given w_τ and σ_τ the tokens e_j = (x_j, <w, x_j> + σ ξ_j)
+are G z_j with z_j ~ N(0, I_D) and G = [[I, 0], [wᵀ, σ]], so S⁰ = G Z Gᵀ with
+Z = Σ_j z_j z_jᵀ ~ Wishart_D(n, I). For n ≥ D, Bartlett's decomposition gives Z = A Aᵀ with A
+lower triangular, A_ii² ~ χ²_{n−i} (i = 0..D−1) and A_ij ~ N(0, 1) below the diagonal, all
+independent. w_τ, σ_τ and the query are drawn as in `sample_batch`. The statistics then have
+exactly the distribution of those of `sample_batch`, from D·(D+1)/2 + D + d + 1 random numbers
+per sequence instead of n·(d+1) + 2d + 1 (not the same numbers: the sequences differ).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jax import lax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._config import TaskConfig
+from ._model import AbstractLinearAttention, LinearTransformer
+from ._task import Batch, sample_sigma
+
+
+class Stats(eqx.Module):
+    """A batch of sequences seen through their statistics, batch on the last axis.
+
+    `s`: S⁰ = Σ_j e_j e_jᵀ over the n context tokens; `xq`, `yq`: the query and its noiseless
+    target; `sigma`: σ_τ of each sequence.
+    """
+
+    s: Float[Array, "D D batch"]
+    xq: Float[Array, "d batch"]
+    yq: Float[Array, " batch"]
+    sigma: Float[Array, " batch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched tiny products, batch last.
+
+
+def _bmm(a: Float[Array, "i j batch"], b: Float[Array, "j k batch"]) -> Float[Array, "i k batch"]:
+    """a @ b per sequence, as j unrolled multiply-adds vectorised over the batch."""
+    out = a[:, 0, None, :] * b[None, 0, :, :]
+    for j in range(1, a.shape[1]):
+        out = out + a[:, j, None, :] * b[None, j, :, :]
+    return out
+
+
+def _bmm_nt(
+    a: Float[Array, "i j batch"], b: Float[Array, "k j batch"]
+) -> Float[Array, "i k batch"]:
+    """a @ bᵀ per sequence."""
+    out = a[:, 0, None, :] * b[None, :, 0, :]
+    for j in range(1, a.shape[1]):
+        out = out + a[:, j, None, :] * b[None, :, j, :]
+    return out
+
+
+def _bmm_tn(
+    a: Float[Array, "j i batch"], b: Float[Array, "j k batch"]
+) -> Float[Array, "i k batch"]:
+    """aᵀ @ b per sequence."""
+    out = a[0, :, None, :] * b[None, 0, :, :]
+    for j in range(1, a.shape[0]):
+        out = out + a[j, :, None, :] * b[None, j, :, :]
+    return out
+
+
+def _identity_branch(x):
+    return x
+
+
+def _nan_branch(x):
+    return jnp.full_like(x, jnp.nan)
+
+
+def _cond_identity(x):
+    # A conditional on a data-dependent predicate that XLA can neither fold nor merge (its
+    # branches differ). The value is x whenever x's first entry is finite; otherwise x holds
+    # a non-finite number, the step's loss or gradient is non-finite anyway and the step is
+    # skipped, so the NaN branch changes no result.
+    return lax.cond(jnp.isfinite(x.ravel()[0]), _identity_branch, _nan_branch, x)
+
+
+@jax.custom_batching.custom_vmap
+def _materialize(x):
+    """x, computed into its own buffer. XLA-CPU fuses an elementwise producer into its
+    consumer even when the consumer reads every element D times (it would recompute a whole
+    product D times) and drops `optimization_barrier`; a conditional boundary stops it."""
+    return _cond_identity(x)
+
+
+@_materialize.def_vmap
+def _materialize_vmap(axis_size, in_batched, x):
+    # Under vmap (seed ensembles) the predicate would become batched and the conditional a
+    # select of both branches, which XLA fuses again: keep one unbatched conditional.
+    return _cond_identity(x), in_batched[0]
+
+
+@jax.custom_vjp
+def sandwich(
+    a: Float[Array, "D D batch"], s: Float[Array, "D D batch"]
+) -> Float[Array, "D D batch"]:
+    """A S Aᵀ per sequence (S symmetric)."""
+    return _bmm_nt(_materialize(_bmm(a, s)), a)
+
+
+def _sandwich_fwd(a, s):
+    u = _materialize(_bmm(a, s))
+    return _bmm_nt(u, a), (a, u)
+
+
+def _sandwich_bwd(res, g):
+    # With S symmetric and any cotangent G: d/dA = (G + Gᵀ) A S, d/dS = Aᵀ G A. Only the
+    # symmetric part of the S-cotangent ever matters (S feeds P S Q and the previous
+    # sandwich, whose A-gradient symmetrises), so Aᵀ ½(G + Gᵀ) A is returned.
+    a, u = res
+    gs = _materialize(g + jnp.swapaxes(g, 0, 1))
+    a_bar = _bmm(gs, u)
+    v = _materialize(_bmm(gs, a))
+    s_bar = 0.5 * _bmm_tn(a, v)
+    return a_bar, s_bar
+
+
+sandwich.defvjp(_sandwich_fwd, _sandwich_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass on statistics.
+
+
+def _operator(
+    layer: AbstractLinearAttention, s: Float[Array, "D D batch"]
+) -> Float[Array, "D D batch"]:
+    """Tˡ = layer.operator(Sˡ) for every sequence, batch last."""
+    # The layer's own operator, vmapped over the batch axis: for FULL, P S Q with shared P, Q
+    # becomes GEMMs over all sequences; for DIAG/GD++ an element-wise scaling of S's blocks.
+    return jax.vmap(layer.operator, in_axes=2, out_axes=2)(s)
+
+
+def layer_maps(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "layers D D batch"]:
+    """I + Tˡ of every layer, Tˡ = layer.operator(Sˡ), with Sˡ⁺¹ = (I + Tˡ) Sˡ (I + Tˡ)ᵀ."""
+    dynamic, static = eqx.partition(model.layers, eqx.is_array)
+    eye = jnp.eye(s.shape[0], dtype=s.dtype)[:, :, None]
+
+    def step(s_l, dyn):
+        layer = eqx.combine(dyn, static)
+        t = _operator(layer, s_l)
+        a = eye + t
+        return sandwich(a, s_l), a
+
+    _, maps = lax.scan(step, s, dynamic)
+    return maps
+
+
+@jax.custom_vjp
+def _row_times(r: Float[Array, "D batch"], a: Float[Array, "D D batch"]) -> Float[Array, "D batch"]:
+    """rᵀ A per sequence, unrolled (XLA-CPU's reduce over a non-minor axis is an order of
+    magnitude slower than the same sum written as multiply-adds)."""
+    out = r[0, None, :] * a[0]
+    for j in range(1, a.shape[0]):
+        out = out + r[j, None, :] * a[j]
+    return out
+
+
+def _row_times_fwd(r, a):
+    return _row_times(r, a), (r, a)
+
+
+def _row_times_bwd(res, g):
+    # d/dr = A ḡ, d/dA = r ḡᵀ: one outer product instead of autodiff's D padded slices.
+    r, a = res
+    r_bar = a[:, 0, :] * g[0, None, :]
+    for k in range(1, a.shape[1]):
+        r_bar = r_bar + a[:, k, :] * g[k, None, :]
+    return r_bar, r[:, None, :] * g[None, :, :]
+
+
+_row_times.defvjp(_row_times_fwd, _row_times_bwd)
+
+
+def final_weights(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "d batch"]:
+    """wᴸ after the last layer: ŷ = <wᴸ, x_t>, wᴸ = −(e_Dᵀ (I+Tᴸ⁻¹) ⋯ (I+T⁰))[:d]."""
+    maps = layer_maps(model, s)
+    big_d, batch = s.shape[0], s.shape[-1]
+    row = jnp.zeros((big_d, batch), s.dtype).at[-1].set(1.0)
+    row, _ = lax.scan(lambda r, a: (_row_times(r, a), None), row, maps, reverse=True)
+    return -row[:-1]
+
+
+def layer_weights(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "layers d batch"]:
+    """wˡ after every layer (row l: after layer l + 1), from the cumulative maps Cˡ."""
+    maps = layer_maps(model, s)
+
+    def fwd(c, a):
+        c = _bmm(a, c)
+        return c, -c[-1, :-1]
+
+    eye = jnp.broadcast_to(jnp.eye(s.shape[0], dtype=s.dtype)[:, :, None], s.shape)
+    _, ws = lax.scan(fwd, eye, maps)
+    return ws
+
+
+# ---------------------------------------------------------------------------------------------
+# Data as statistics.
+
+
+def _shard_batch(x):
+    """Shard the last (batch) axis over the mesh axis "data" when a mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in mesh.axis_names:
+        return x
+    spec = jax.sharding.PartitionSpec(*([None] * (x.ndim - 1)), "data")
+    return lax.with_sharding_constraint(x, spec)
+
+
+def stats_from_batch(batch: Batch) -> Stats:
+    """The statistics of sampled tokens: the same sequences as `batch`."""
+    e = jnp.concatenate([batch.x, batch.y[..., None]], axis=-1)
+    return Stats(s=jnp.einsum("bni,bnj->ijb", e, e), xq=batch.xq.T, yq=batch.yq, sigma=batch.sigma)
+
+
+def _chi2(
+    key: PRNGKeyArray, df: Float[Array, "k 1"], shape: tuple[int, int], dtype
+) -> Float[Array, "k batch"]:
+    """χ²_df = 2·Gamma(df/2) by Marsaglia–Tsang, vectorised: rounds of proposals for the
+    whole array until every entry has accepted one (exact; ~3 rounds for df ≥ 2). Much
+    cheaper than `jr.gamma`, which splits a key per element."""
+    key, boost_key = jr.split(key)
+    a = jnp.broadcast_to(df / 2, shape)
+    # Marsaglia–Tsang needs shape ≥ 1; for a < 1 use Gamma(a) = Gamma(a + 1) · U^{1/a}.
+    boost = a < 1
+    a1 = jnp.where(boost, a + 1, a)
+    dd = a1 - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * dd)
+
+    def body(carry):
+        i, out, done = carry
+        kx, ku = jr.split(jr.fold_in(key, i))
+        x = jr.normal(kx, shape, dtype)
+        u = jr.uniform(ku, shape, dtype)
+        v = (1.0 + c * x) ** 3
+        ok = (v > 0) & (
+            jnp.log(u) < 0.5 * x**2 + dd - dd * v + dd * jnp.log(jnp.where(v > 0, v, 1.0))
+        )
+        out = jnp.where(done | ~ok, out, dd * v)
+        return i + 1, out, done | ok
+
+    _, g, _ = lax.while_loop(
+        lambda carry: ~jnp.all(carry[2]),
+        body,
+        (jnp.zeros((), jnp.int32), jnp.zeros(shape, dtype), jnp.zeros(shape, bool)),
+    )
+    u = jr.uniform(boost_key, shape, dtype, minval=jnp.finfo(dtype).tiny)
+    g = jnp.where(boost, g * u ** (1.0 / a), g)
+    return 2.0 * g
+
+
+def sample_stats(
+    key: PRNGKeyArray, task: TaskConfig, batch: int, dtype=jnp.float32, sampler: str = "wishart"
+) -> Stats:
+    """`batch` sequences as statistics. `sampler="tokens"`: from `sample_batch` (the same
+    sequences as the token formulation); `"wishart"`: S⁰ drawn directly from its exact
+    distribution (Bartlett, see the module docstring), which needs n ≥ d + 1 and otherwise
+    falls back to tokens."""
+    d, n = task.d, task.n
+    big_d = d + 1
+    if sampler == "tokens" or n < big_d:
+        from ._task import sample_batch
+
+        st = stats_from_batch(sample_batch(key, task, batch, dtype))
+        return Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
+    kw, kq, ks, kd, ko = jr.split(key, 5)
+    w = _shard_batch(jr.normal(kw, (d, batch), dtype))
+    xq = _shard_batch(jr.normal(kq, (d, batch), dtype))
+    sigma = _shard_batch(sample_sigma(ks, task, batch, dtype))
+    df = (n - jnp.arange(big_d)).astype(dtype)[:, None]
+    diag = jnp.sqrt(_shard_batch(_chi2(kd, df, (big_d, batch), dtype)))
+    rows, cols = jnp.tril_indices(big_d, -1)
+    below = _shard_batch(jr.normal(ko, (rows.shape[0], batch), dtype))
+    a = jnp.zeros((big_d, big_d, batch), dtype)
+    a = a.at[jnp.arange(big_d), jnp.arange(big_d)].set(diag).at[rows, cols].set(below)
+    # L = G A with G = [[I, 0], [wᵀ, σ]]: the x-rows are A's, the y-row is wᵀ A_x + σ A_y.
+    y_row = jnp.sum(w[:, None, :] * a[:d], axis=0) + sigma[None, :] * a[d]
+    lo = _materialize(jnp.concatenate([a[:d], y_row[None]], axis=0))
+    s = _bmm_nt(lo, lo)
+    return Stats(s=s, xq=xq, yq=jnp.sum(xq * w, axis=0), sigma=sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss.
+
+
+def spd_solve(m: Float[Array, "d d batch"], b: Float[Array, "d batch"]) -> Float[Array, "d batch"]:
+    """m⁻¹ b per sequence for symmetric positive-definite m: an unrolled Cholesky
+    factorisation and two triangular solves, vectorised over the batch (a batched LAPACK
+    call runs one tiny matrix at a time)."""
+    d = m.shape[0]
+    lo = [[None] * d for _ in range(d)]
+    for j in range(d):
+        acc = m[j, j]
+        for k in range(j):
+            acc = acc - lo[j][k] ** 2
+        lo[j][j] = jnp.sqrt(acc)
+        inv = 1.0 / lo[j][j]
+        for i in range(j + 1, d):
+            acc = m[i, j]
+            for k in range(j):
+                acc = acc - lo[i][k] * lo[j][k]
+            lo[i][j] = acc * inv
+    z = [None] * d
+    for i in range(d):
+        acc = b[i]
+        for k in range(i):
+            acc = acc - lo[i][k] * z[k]
+        z[i] = acc / lo[i][i]
+    x = [None] * d
+    for i in reversed(range(d)):
+        acc = z[i]
+        for k in range(i + 1, d):
+            acc = acc - lo[k][i] * x[k]
+        x[i] = acc / lo[i][i]
+    return jnp.stack(x)
+
+
+def posterior_mean(st: Stats) -> Float[Array, "d batch"]:
+    """μ = (Σ + σ²I)⁻¹α of every sequence (SPEC §5)."""
+    d = st.s.shape[0] - 1
+    eye = jnp.eye(d, dtype=st.s.dtype)[:, :, None]
+    return spd_solve(st.s[:d, :d] + st.sigma[None, None, :] ** 2 * eye, st.s[:d, d])
+
+
+def per_sequence_loss(
+    model: LinearTransformer, st: Stats, objective: str
+) -> Float[Array, " batch"]:
+    """`exact`: ½‖wᴸ − μ‖²; `sampled`: ½(ŷ − y_t)², from the statistics."""
+    w = final_weights(model, st.s)
+    if objective == "exact":
+        return 0.5 * jnp.sum((w - lax.stop_gradient(posterior_mean(st))) ** 2, axis=0)
+    return 0.5 * (jnp.sum(w * st.xq, axis=0) - st.yq) ** 2

@@ -1,0 +1,131 @@
+"""The statistics formulation (eqicl._fast) against the paper's token equation, in float64."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from scipy import special
+
+import eqicl
+from eqicl import _fast
+from eqicl._train import loss_fn
+
+F64 = jnp.float64
+
+
+def _model(kind, task, heads=2, layers=3, seed=0):
+    cfg = eqicl.ModelConfig(kind=kind, layers=layers, heads=heads, init="gd", init_scale=0.05)
+    return eqicl.init_transformer(jr.key(seed), cfg, task, F64)
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "gdpp"])
+def test_layer_weights_equal_the_token_forward_pass(kind):
+    """wˡ from Sˡ⁺¹ = (I+Tˡ) Sˡ (I+Tˡ)ᵀ equals the token equation's implicit weights after
+    every layer, and the last layer's row recursion gives the same wᴸ."""
+    task = eqicl.TaskConfig(d=4, n=9, sigma_max=1.0)
+    model = _model(kind, task)
+    batch = eqicl.sample_batch(jr.key(1), task, 7, F64)
+    want = jax.vmap(model.implicit_weights)(batch.x, batch.y)  # (batch, layers, d)
+    st = _fast.stats_from_batch(batch)
+    got = _fast.layer_weights(model, st.s)  # (layers, d, batch)
+    np.testing.assert_allclose(jnp.transpose(got, (2, 0, 1)), want, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(
+        _fast.final_weights(model, st.s).T, want[:, -1], rtol=1e-11, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("kind", ["full", "diag", "gdpp"])
+@pytest.mark.parametrize("objective", ["exact", "sampled"])
+def test_loss_and_gradient_equal_the_token_formulation(kind, objective):
+    """Same sequences (tokens sampler): the fast loss and its gradient (hand-written VJP)
+    equal those of the token formulation to round-off."""
+    task = eqicl.TaskConfig(d=5, n=12, sigma_max=2.0)
+    model = _model(kind, task, heads=1 if kind == "full" else 2, layers=4)
+    batch = eqicl.sample_batch(jr.key(2), task, 16, F64)
+    train = eqicl.TrainConfig(objective=objective, loss_clip=0.0)
+    grad = eqx.filter_value_and_grad(loss_fn)
+    want_loss, want_grad = grad(model, batch, train)
+    got_loss, got_grad = grad(model, _fast.stats_from_batch(batch), train)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-11)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(w))))
+
+
+def test_sandwich_vjp_matches_autodiff():
+    a = jr.normal(jr.key(3), (4, 4, 5), F64)
+    s = jr.normal(jr.key(4), (4, 4, 5), F64)
+    s = s + jnp.swapaxes(s, 0, 1)
+    g = jr.normal(jr.key(5), (4, 4, 5), F64)
+
+    def plain(a, s):
+        return jnp.einsum("ijb,jkb,lkb->ilb", a, s, a)
+
+    np.testing.assert_allclose(_fast.sandwich(a, s), plain(a, s), rtol=1e-13)
+    ga, _ = jax.vjp(_fast.sandwich, a, s)[1](g)
+    wa, ws = jax.vjp(plain, a, s)[1](g)
+    np.testing.assert_allclose(ga, wa, rtol=1e-12)
+    # Only the symmetric part of the S-cotangent is returned (S is always symmetric).
+    _, gs = jax.vjp(_fast.sandwich, a, s)[1](g)
+    np.testing.assert_allclose(gs, 0.5 * (ws + jnp.swapaxes(ws, 0, 1)), rtol=1e-12)
+
+
+def test_spd_solve_and_posterior_mean():
+    task = eqicl.TaskConfig(d=6, n=10, sigma_max=2.0)
+    batch = eqicl.sample_batch(jr.key(6), task, 9, F64)
+    st = _fast.stats_from_batch(batch)
+    np.testing.assert_allclose(
+        _fast.posterior_mean(st).T,
+        jax.vmap(eqicl.oracle_weights)(batch.x, batch.y, batch.sigma),
+        rtol=1e-11,
+    )
+
+
+def test_chi2_moments():
+    """The vectorised Marsaglia–Tsang sampler has the χ² mean, variance and mean log."""
+    df = jnp.asarray([[0.5], [1.0], [3.0], [10.0]], F64)
+    x = np.asarray(_fast._chi2(jr.key(7), df, (4, 200_000), F64))
+    k = np.asarray(df[:, 0])
+    se = np.sqrt(2 * k / 200_000)
+    np.testing.assert_array_less(np.abs(x.mean(1) - k), 5 * se)
+    np.testing.assert_allclose(x.var(1), 2 * k, rtol=0.05)
+    # E[log χ²_k] = ψ(k/2) + log 2
+    np.testing.assert_allclose(np.log(x).mean(1), special.digamma(k / 2) + math.log(2), atol=0.02)
+
+
+def test_wishart_sampler_has_the_token_distribution():
+    """S⁰ drawn by Bartlett has the distribution of Σ_j e_j e_jᵀ of sampled tokens: the
+    mean and variance of every entry, E[log det Σ] (exact value for Wishart), and the mean
+    and spread of the oracle loss term ½‖μ‖² agree within sampling error."""
+    task = eqicl.TaskConfig(d=3, n=6, noise="categorical", sigma_set=(0.5, 2.0))
+    m = 100_000
+    wish = _fast.sample_stats(jr.key(8), task, m, F64, "wishart")
+    tok = _fast.sample_stats(jr.key(9), task, m, F64, "tokens")
+    for a, b in ((wish.s, tok.s), (wish.xq, tok.xq), (wish.yq, tok.yq), (wish.sigma, tok.sigma)):
+        a, b = np.asarray(a), np.asarray(b)
+        se = np.sqrt(a.var(-1) / m + b.var(-1) / m)
+        np.testing.assert_array_less(np.abs(a.mean(-1) - b.mean(-1)), 5 * se + 1e-12)
+        np.testing.assert_allclose(a.var(-1), b.var(-1), rtol=0.08)
+    d, n = task.d, task.n
+    logdet = np.linalg.slogdet(np.transpose(np.asarray(wish.s[:d, :d]), (2, 0, 1)))[1]
+    want = sum(special.digamma((n - i) / 2) for i in range(d)) + d * math.log(2)
+    np.testing.assert_allclose(logdet.mean(), want, atol=5 * logdet.std() / math.sqrt(m))
+    # the query-target relation is exact per sequence: y_t = <w, x_t> needs the same w as S
+    mu_w = np.asarray(jnp.sum(_fast.posterior_mean(wish) ** 2, axis=0))
+    mu_t = np.asarray(jnp.sum(_fast.posterior_mean(tok) ** 2, axis=0))
+    se = np.sqrt(mu_w.var() / m + mu_t.var() / m)
+    assert abs(mu_w.mean() - mu_t.mean()) < 5 * se
+    cov_w = np.mean(np.asarray(wish.yq) * np.asarray(jnp.sum(wish.xq * wish.s[:d, d], 0)))
+    cov_t = np.mean(np.asarray(tok.yq) * np.asarray(jnp.sum(tok.xq * tok.s[:d, d], 0)))
+    np.testing.assert_allclose(cov_w, cov_t, rtol=0.1)
+
+
+def test_wishart_needs_n_at_least_D():
+    """With n < d + 1 the Wishart sampler falls back to tokens (still the right law)."""
+    task = eqicl.TaskConfig(d=4, n=3)
+    st = _fast.sample_stats(jr.key(10), task, 5, F64, "wishart")
+    ref = _fast.stats_from_batch(eqicl.sample_batch(jr.key(10), task, 5, F64))
+    np.testing.assert_array_equal(st.s, ref.s)
