@@ -39,12 +39,12 @@ SCRIPT = textwrap.dedent(
     # The 4-device step really is partitioned: each step's sampled batch lives on 4 devices.
     import jax.random as jr
     from eqicl._train import sample_train_data
-    config = eqicl.preset("tiny", ["train.devices=4", "train.dtype=float64"])
+    config = eqicl.preset("tiny", ["train.devices=4", "train.dtype=float64", "train.formulation=tokens"])
     mesh = data_mesh(config.train)
     with jax.set_mesh(mesh):
         data = jax.jit(lambda k: sample_train_data(k, config))(jr.key(0))
-    out["data_devices"] = len(data.s.sharding.device_set)
-    out["data_spec"] = str(data.s.sharding.spec)
+    out["data_devices"] = len(data.x.sharding.device_set)
+    out["data_spec"] = str(data.x.sharding.spec)
     out["mesh_size"] = mesh.size
     print("RESULT " + json.dumps(out))
     """
