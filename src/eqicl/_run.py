@@ -28,8 +28,9 @@ class RunDirError(ValueError):
 
 
 def _ocp():
-    # orbax is slow to import and chatty; only load it where checkpoints are touched.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # orbax is slow to import and chatty (it warns about every read-only manager); only load
+    # it where checkpoints are touched.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     import orbax.checkpoint as ocp
 
     return ocp
