@@ -122,7 +122,15 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. `objective="exact"` trains on ½‖w^L − μ‖² (SPEC §5), `"sampled"` on
-    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it)."""
+    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it).
+
+    Divergence guard: a step whose loss or gradient is not finite is skipped. A seed that
+    skips `max_skipped` steps since the last checkpoint, or whose mean loss over one jitted
+    call exceeds `explode_factor` × the median of its last calls, is rolled back with the
+    rest of the ensemble to the last good checkpoint and continues with its learning rate
+    multiplied by `lr_backoff`; after `max_rollbacks` such rollbacks it is given up (left out
+    of the best-of-seeds selection). 0 disables `max_skipped` / `explode_factor`.
+    """
 
     steps: int = 3000
     batch: int = 512
@@ -139,6 +147,10 @@ class TrainConfig:
     steps_per_call: int = 100
     checkpoint_every: int = 1000
     select_sequences: int = 10_000
+    max_skipped: int = 10
+    explode_factor: float = 10.0
+    lr_backoff: float = 0.5
+    max_rollbacks: int = 5
 
     def __post_init__(self):
         for name in ("steps", "batch", "seeds", "steps_per_call", "checkpoint_every"):
@@ -156,6 +168,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train.loss_clip must be finite and >= 0 (0 disables it), got {self.loss_clip}"
             )
+        for name in ("max_skipped", "max_rollbacks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.explode_factor == 0 or 1 < self.explode_factor < math.inf):
+            raise ConfigError(
+                "train.explode_factor must be > 1 and finite (0 disables it), "
+                f"got {self.explode_factor}"
+            )
+        if not (0 < self.lr_backoff < 1):
+            raise ConfigError(f"train.lr_backoff must be in (0, 1), got {self.lr_backoff}")
         for name in ("b1", "b2"):
             if not (0 <= getattr(self, name) < 1):
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")

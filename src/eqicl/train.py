@@ -1,4 +1,4 @@
-"""Command line: `python -m eqicl.train --preset NAME --run-dir DIR [--set section.field=value ...]`.
+"""Command line: `python -m eqicl.train --preset NAME --run-dir DIR [--set section.field=value]`.
 
 Trains (resuming from the newest checkpoint if the run directory already holds this config),
 selects the best seed on held-out sequences, evaluates it on fresh sequences with the
@@ -15,14 +15,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a linear transformer on in-context noisy linear regression, "
         "then evaluate it against the ridge baselines and the paper's Table 1.",
     )
-    parser.add_argument("--preset", default="default", help="tiny | default | paper (default: default)")
+    parser.add_argument(
+        "--preset", default="default", help="tiny | default | paper (default: default)"
+    )
     parser.add_argument("--run-dir", required=True, help="output directory (resumed if it exists)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override a config field, e.g. --set model.layers=5 --set task.sigma_max=5 (repeatable)",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set model.layers=5 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     args = parser.parse_args(argv)
 
     # Evaluation resolves losses down to 1e-12, so x64 is on; training uses train.dtype.
@@ -30,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     jax.config.update("jax_enable_x64", True)
     from ._config import ConfigError, preset
-    from ._run import RunDirError, run, summary_table
+    from ._faults import faults
+    from ._run import Interrupted, RunDirError, run, summary_table
 
     try:
         config = preset(args.preset, args.overrides)
+        faults()  # a malformed EQICL_FAULT is bad input too
         if args.print_config:
             print(config.to_json())
             return 0
@@ -41,8 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(
+            f"stopped at step {e.step} after saving a checkpoint; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     print(summary_table(config, result))
     return 0 if result.get("status") == "ok" else 1
