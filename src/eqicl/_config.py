@@ -238,6 +238,8 @@ class Config:
             if f.name == "seed":
                 continue
             sub = data.get(f.name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config section {f.name} must be a JSON object, got {sub!r}")
             sub_cls = f.type
             known = {g.name for g in dataclasses.fields(sub_cls)}
             unknown = set(sub) - known

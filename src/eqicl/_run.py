@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _faults
 from ._config import Config, ConfigError, TrainConfig
-from ._evaluate import _member, evaluate, select_losses
+from ._evaluate import _member, cast, eval_dtype, evaluate, select_losses
 from ._train import TrainState, append_jsonl, init_ensemble, train_loop
 
 # 2: checkpoints hold the state and a checksummed metadata item, and the divergence guard's
@@ -94,7 +94,8 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
     """The config of an existing run directory (raises RunDirError if it is not one)."""
     path = pathlib.Path(run_dir)
     if not path.is_dir():
-        raise RunDirError(f"{run_dir} is not an eqicl run directory (no such directory)")
+        what = "a file" if path.exists() else "no such directory"
+        raise RunDirError(f"{run_dir} is not an eqicl run directory ({what})")
     path = path / "config.json"
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not an eqicl run directory (no config.json)")
@@ -654,6 +655,8 @@ def _train(
                 if reasons:
                     state, rolled_back = _rollback(config, path, manager, state, reasons, say, warn)
                     if rolled_back:
+                        if received:  # nothing to save: a resumed run re-derives the rollback
+                            raise Interrupted(received[0], int(state.step[0]))
                         if bar is not None:
                             bar.reset(total=tc.steps)
                             bar.update(int(state.step[0]))
@@ -689,7 +692,8 @@ def finish(
     with non-finite predictions is reported as failed, never scored."""
     tc = config.train
     eval_path = path / "eval.json"
-    losses = np.asarray(select_losses(state.model, config), np.float64)
+    # select_losses samples in the evaluation dtype; the model must match it (strict promotion).
+    losses = np.asarray(select_losses(cast(state.model, eval_dtype()), config), np.float64)
     gave_up = np.asarray(state.rollbacks) > tc.max_rollbacks
     usable = np.isfinite(losses) & ~gave_up
     selection = {

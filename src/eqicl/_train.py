@@ -88,7 +88,7 @@ def loss_fn(model: LinearTransformer, batch: Batch, train: TrainConfig) -> Float
     return jnp.mean(per_seq)
 
 
-def init_state(config: Config, member: int) -> TrainState:
+def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
     model_key, _ = member_keys(config.seed, member)
     model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
     opt_state = make_optimizer(config.train).init(eqx.filter(model, eqx.is_inexact_array))
