@@ -34,7 +34,8 @@ import numpy as np
 
 from . import _faults
 from ._config import Config, ConfigError, TrainConfig
-from ._evaluate import _member, cast, eval_dtype, evaluate, select_losses
+from ._evaluate import _member, cast, eval_dtype, select_losses
+from ._evaluate import evaluate as evaluate_model
 from ._train import TrainState, append_jsonl, init_ensemble, train_loop
 
 # 2: checkpoints hold the state and a checksummed metadata item, and the divergence guard's
@@ -527,12 +528,14 @@ def _rollback(
     manager,
     state: TrainState,
     reasons: dict[int, str],
+    metrics_loss: list[float],
     say: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> tuple[TrainState, bool]:
     """Roll the ensemble back to the newest intact scheduled checkpoint (or step 0) and
     lower the learning rate of the members in `reasons`; give up on members that exceeded
-    `train.max_rollbacks` (raises _Diverged when none is left). Returns the state to go on
+    `train.max_rollbacks` (raises _Diverged when none is left). `metrics_loss`, the
+    abandoned call's mean losses, goes into the rollback event. Returns the state to go on
     from and whether it is a rolled-back one."""
     tc = config.train
     step = int(state.step[0])
@@ -574,6 +577,7 @@ def _rollback(
             "from_step": step,
             "members": back,
             "reasons": [reasons[m] for m in back],
+            "loss": metrics_loss,
             "lr_scale": [float(v) for v in lr_scale],
             "rollbacks": [int(v) for v in rollbacks],
         },
@@ -653,7 +657,9 @@ def _train(
                 _faults.after_call(step)
                 reasons = _guard_reasons(state, metrics, tc)
                 if reasons:
-                    state, rolled_back = _rollback(config, path, manager, state, reasons, say, warn)
+                    state, rolled_back = _rollback(
+                        config, path, manager, state, reasons, metrics["loss"], say, warn
+                    )
                     if rolled_back:
                         if received:  # nothing to save: a resumed run re-derives the rollback
                             raise Interrupted(received[0], int(state.step[0]))
@@ -716,7 +722,7 @@ def finish(
     best = selection["best"]
     echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
     t0 = time.perf_counter()
-    result = evaluate(_member(state.model, best), config)
+    result = evaluate_model(_member(state.model, best), config)
     if not result["model"]["finite"]:
         result = _failed(
             f"seed {best}'s model gives non-finite predictions on the test sequences", **extra
@@ -733,8 +739,10 @@ def run(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = _stderr_warning,
+    evaluate: bool = True,
 ) -> dict:
-    """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json.
+    """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json
+    (with `evaluate=False`, stop after training: {"status": "trained", "steps": ...}).
 
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
@@ -767,6 +775,8 @@ def run(
                 result = _failed(str(e), steps=config.train.steps)
                 write_json_atomic(eval_path, result)
                 return result
+        if not evaluate:
+            return {"status": "trained", "steps": int(state.step[0])}
         return finish(config, path, state, echo)
 
 
