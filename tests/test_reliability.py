@@ -262,20 +262,24 @@ def test_run_dir_with_another_config_is_refused(tmp_path, capsys):
     assert _snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("kind", ["file", "foreign"])
-def test_a_directory_that_is_not_a_run_is_never_written(kind, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("file", "exists and is not a directory"),
+        ("foreign", "is not empty and is not an eqicl run directory"),
+        ("under a file", "cannot create"),
+    ],
+)
+def test_a_directory_that_is_not_a_run_is_never_written(kind, message, tmp_path, capsys):
     target = tmp_path / "target"
-    if kind == "file":
-        target.write_text("notes\n")
-    else:
+    if kind == "foreign":
         target.mkdir()
         (target / "notes.txt").write_text("mine\n")
+    else:
+        target.write_text("notes\n")
     before = _snapshot(target)
-    assert main(_cli(target)) == 2
-    err = _one_line_error(capsys)
-    assert (
-        "is not a directory" if kind == "file" else "is not empty and is not an eqicl run"
-    ) in err
+    assert main(_cli(target / "run" if kind == "under a file" else target)) == 2
+    assert message in _one_line_error(capsys)
     assert _snapshot(target) == before
 
 

@@ -748,7 +748,10 @@ def run(
     model shape, a run directory in use) raises RunDirError before anything is written.
     SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
     path = check_run_dir(run_dir, config)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create {path}: {e.strerror}") from None
     with run_lock(path, echo):
         prepare_run_dir(path, config)  # again under the lock: another trainer may have won
         remove_partial_checkpoints(path, warn)
