@@ -16,3 +16,16 @@ test-slow *ARGS:
 lint:
     ruff check .
     ruff format --check .
+
+# Reproduce Table 1: train, evaluate and record every cell not yet in runs/paper/table1.csv
+# (e.g. `just sweep --models diag --layers 1-3`; `just sweep --list` shows what is done).
+sweep *ARGS:
+    python -m eqicl.sweep {{ARGS}}
+
+# Our Table 1 beside the paper's (runs/paper/table1_vs_paper.md).
+table:
+    python -m analysis.table
+
+# The paper's Figures 1-3 and 5-7 from the committed sweep results (runs/paper/figures/).
+figures:
+    python -m analysis.figures

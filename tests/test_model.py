@@ -28,7 +28,7 @@ def _numpy_forward(ps, qs, x, y, xq):
     n = x.shape[0]
     e = np.concatenate([np.c_[x, y], np.c_[xq, np.zeros(len(xq))]])
     preds = []
-    for p, q in zip(ps, qs):
+    for p, q in zip(ps, qs, strict=True):
         s = sum(np.outer(e[j], e[j]) for j in range(n))
         t = sum(p[k] @ s @ q[k] for k in range(p.shape[0]))
         e = e + e @ t.T
@@ -44,7 +44,9 @@ def test_full_matches_token_equation():
     qs = 0.05 * jr.normal(k3, (L, h, D, D), F64)
     model = _stack([FullAttention(p=ps[i], q=qs[i]) for i in range(L)])
     got = model(x, y, xq)
-    want = _numpy_forward(np.asarray(ps), np.asarray(qs), np.asarray(x), np.asarray(y), np.asarray(xq))
+    want = _numpy_forward(
+        np.asarray(ps), np.asarray(qs), np.asarray(x), np.asarray(y), np.asarray(xq)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -69,8 +71,11 @@ def test_gd_construction_reproduces_gd_steps():
 def _random_diag(key, d, heads, scale_n=1.0, scale_s=1.0):
     kp, kq = jr.split(key)
     return DiagAttention(
-        p=0.1 * jr.normal(kp, (heads, 2), F64), q=0.1 * jr.normal(kq, (heads, 2), F64),
-        dim=d, scale_n=scale_n, scale_s=scale_s,
+        p=0.1 * jr.normal(kp, (heads, 2), F64),
+        q=0.1 * jr.normal(kq, (heads, 2), F64),
+        dim=d,
+        scale_n=scale_n,
+        scale_s=scale_s,
     )
 
 
@@ -105,7 +110,9 @@ def test_gdpp_equals_diag_with_zero_qy():
     diags = [_random_diag(k, d, heads=2) for k in jr.split(jr.key(7), 3)]
     diags = [eqx.tree_at(lambda m: m.q, m, m.q.at[:, 1].set(0.0)) for m in diags]
     gdpps = [GDPPAttention(p=m.p, q_x=m.q[:, 0], dim=d) for m in diags]
-    np.testing.assert_allclose(_stack(gdpps)(x, y, xq), _stack(diags)(x, y, xq), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        _stack(gdpps)(x, y, xq), _stack(diags)(x, y, xq), rtol=1e-13, atol=1e-13
+    )
     coeffs = _stack(gdpps).coefficients()
     assert jnp.all(coeffs[:, 1] == 0) and jnp.all(coeffs[:, 3] == 0)
 
@@ -116,8 +123,10 @@ def test_scaled_units_are_the_same_function_class():
     D = x.shape[1] + 1
     kp, kq = jr.split(jr.key(9))
     scaled = FullAttention(
-        p=0.1 * jr.normal(kp, (2, D, D), F64), q=0.1 * jr.normal(kq, (2, D, D), F64),
-        scale_n=12.0, scale_s=2.5,
+        p=0.1 * jr.normal(kp, (2, D, D), F64),
+        q=0.1 * jr.normal(kq, (2, D, D), F64),
+        scale_n=12.0,
+        scale_s=2.5,
     )
     paper = FullAttention(*scaled.pq())
     np.testing.assert_allclose(_stack([scaled])(x, y, xq), _stack([paper])(x, y, xq), rtol=1e-12)

@@ -2,8 +2,8 @@
 guard rolls back, and bad input is a one-line error with nothing written.
 
 Faults are injected at fixed steps through EQICL_FAULT (see eqicl/_faults.py), so every run
-of a test hits the same moment. Subprocess runs share a persistent JAX compilation cache:
-after the first one, a tiny run costs seconds instead of a compile.
+of a test hits the same moment. Subprocess runs share a persistent compilation cache of
+their own: after the first one, a tiny run costs seconds instead of a compile.
 """
 
 import contextlib
@@ -58,8 +58,7 @@ def _train(jax_cache, run_dir, *overrides: str, fault: str = "") -> subprocess.C
     """`python -m eqicl.train` on this checkout (not an installed eqicl) in a subprocess."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["EQICL_COMPILATION_CACHE"] = str(jax_cache)  # not the user's cache
     env["EQICL_FAULT"] = fault
     return subprocess.run(
         [sys.executable, "-m", "eqicl.train", *_cli(run_dir, *overrides)],

@@ -77,14 +77,15 @@ def gd_coords(sp: Spectral, eta: Float[Array, ""], steps: int) -> Float[Array, "
 
 def exact_loss(sp: Spectral, coords: Float[Array, "... batch d"]) -> Float[Array, "... batch"]:
     """Adjusted loss ½‖ŵ − μ‖² of each sequence (exact in expectation)."""
-    return 0.5 * jnp.sum((coords - sp.oracle) ** 2, axis=-1)
+    return 0.5 * jnp.sum((coords - jnp.broadcast_to(sp.oracle, coords.shape)) ** 2, axis=-1)
 
 
 def sampled_loss(sp: Spectral, coords: Float[Array, "... batch d"]) -> Float[Array, "... batch"]:
     """Adjusted loss ½(ŷ − y_t)² − ½(ŷ_oracle − y_t)² on the sampled query."""
-    pred = jnp.sum(coords * sp.q, axis=-1)
+    pred = jnp.sum(coords * jnp.broadcast_to(sp.q, coords.shape), axis=-1)
     orc = jnp.sum(sp.oracle * sp.q, axis=-1)
-    return 0.5 * (pred - sp.yq) ** 2 - 0.5 * (orc - sp.yq) ** 2
+    yq = jnp.broadcast_to(sp.yq, pred.shape)
+    return 0.5 * (pred - yq) ** 2 - jnp.broadcast_to(0.5 * (orc - sp.yq) ** 2, pred.shape)
 
 
 def posterior_trace(sp: Spectral) -> Float[Array, " batch"]:
@@ -120,7 +121,9 @@ class TunedBaselines:
         out = {
             "oracle": sp.oracle,
             "constrr": ridge_coords(sp, jnp.full_like(sp.yq, self.const_lambda)),
-            f"gd{self.gd_steps}": gd_coords(sp, jnp.asarray(self.gd_eta, sp.e.dtype), self.gd_steps),
+            f"gd{self.gd_steps}": gd_coords(
+                sp, jnp.asarray(self.gd_eta, sp.e.dtype), self.gd_steps
+            ),
         }
         d = sp.e.shape[-1]
         if sp.n > d:  # OLS, AdaRR and TunedRR need Σ invertible and n > d
@@ -133,7 +136,9 @@ class TunedBaselines:
 
 @jax.jit
 def _const_scores(sp: Spectral, lams: Float[Array, " k"]) -> Float[Array, " k"]:
-    return jax.lax.map(lambda lam: jnp.mean(exact_loss(sp, ridge_coords(sp, lam + 0 * sp.yq))), lams)
+    return jax.lax.map(
+        lambda lam: jnp.mean(exact_loss(sp, ridge_coords(sp, lam + 0 * sp.yq))), lams
+    )
 
 
 @jax.jit

@@ -163,7 +163,9 @@ class TrainConfig:
         if not (0 < self.lr < math.inf):
             raise ConfigError(f"train.lr must be positive and finite, got {self.lr}")
         if not (0 <= self.clip < math.inf):
-            raise ConfigError(f"train.clip must be finite and >= 0 (0 disables it), got {self.clip}")
+            raise ConfigError(
+                f"train.clip must be finite and >= 0 (0 disables it), got {self.clip}"
+            )
         if not (0 <= self.loss_clip < math.inf):
             raise ConfigError(
                 f"train.loss_clip must be finite and >= 0 (0 disables it), got {self.loss_clip}"
@@ -182,9 +184,13 @@ class TrainConfig:
             if not (0 <= getattr(self, name) < 1):
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"train.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+            raise ConfigError(
+                f"train.schedule must be 'cosine' or 'constant', got {self.schedule!r}"
+            )
         if self.objective not in ("exact", "sampled"):
-            raise ConfigError(f"train.objective must be 'exact' or 'sampled', got {self.objective!r}")
+            raise ConfigError(
+                f"train.objective must be 'exact' or 'sampled', got {self.objective!r}"
+            )
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"train.dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.checkpoint_every % self.steps_per_call:
@@ -315,7 +321,9 @@ def _parse_override(assignment: str) -> tuple[str, str | None, str]:
     section, name = key.split(".")
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "seed"}
     if section not in sections:
-        raise ConfigError(f"unknown config section {section!r} (one of {', '.join(sorted(sections))})")
+        raise ConfigError(
+            f"unknown config section {section!r} (one of {', '.join(sorted(sections))})"
+        )
     fields = {f.name for f in dataclasses.fields(sections[section])}
     if name not in fields:
         raise ConfigError(
@@ -342,11 +350,20 @@ def _tiny() -> Config:
         task=TaskConfig(d=4, n=8, noise="uniform", sigma_max=1.0),
         model=ModelConfig(kind="diag", layers=2),
         train=TrainConfig(
-            steps=40, batch=32, lr=1e-2, warmup=5, seeds=2, steps_per_call=10,
-            checkpoint_every=20, select_sequences=256,
+            steps=40,
+            batch=32,
+            lr=1e-2,
+            warmup=5,
+            seeds=2,
+            steps_per_call=10,
+            checkpoint_every=20,
+            select_sequences=256,
         ),
         eval=EvalConfig(
-            sequences=2_000, tune_sequences=1_000, chunk=1_000, profile_points=5,
+            sequences=2_000,
+            tune_sequences=1_000,
+            chunk=1_000,
+            profile_points=5,
             profile_sequences=200,
         ),
     )
@@ -366,8 +383,16 @@ def _paper() -> Config:
         task=TaskConfig(noise="uniform", sigma_max=3.0),
         model=ModelConfig(kind="diag", layers=3, units="paper", init="normal", init_scale=1e-3),
         train=TrainConfig(
-            steps=200_000, batch=2048, lr=1e-4, schedule="constant", warmup=0, clip=0.0,
-            objective="sampled", loss_clip=0.0, seeds=5, checkpoint_every=10_000,
+            steps=200_000,
+            batch=2048,
+            lr=1e-4,
+            schedule="constant",
+            warmup=0,
+            clip=0.0,
+            objective="sampled",
+            loss_clip=0.0,
+            seeds=5,
+            checkpoint_every=10_000,
         ),
     )
 

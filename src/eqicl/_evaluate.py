@@ -24,7 +24,8 @@ from ._baselines import (
 from ._config import Config, TaskConfig
 from ._model import LinearTransformer
 from ._paper import paper_baselines, paper_value
-from ._task import sample_batch
+from ._task import prng_key
+from ._task import sample_batch_jit as sample_batch
 
 
 def eval_dtype():
@@ -40,12 +41,17 @@ def cast(tree, dtype):
 def mean_se(values) -> dict[str, float]:
     """Mean and standard error of per-sequence values."""
     v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan}
+    return {
+        "mean": float(v.mean()),
+        "se": float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan,
+    }
 
 
 @eqx.filter_jit
 def model_weights_and_predictions(
-    model: LinearTransformer, x: Float[Array, "batch n d"], y: Float[Array, "batch n"],
+    model: LinearTransformer,
+    x: Float[Array, "batch n d"],
+    y: Float[Array, "batch n"],
     xq: Float[Array, "batch d"],
 ) -> tuple[Float[Array, "batch layers d"], Float[Array, "batch layers"]]:
     """w^l of every layer (queries = basis vectors) and the prediction on the real query,
@@ -60,7 +66,9 @@ def model_weights_and_predictions(
 
 
 @eqx.filter_jit
-def model_exact_losses(model: LinearTransformer, batch, sp: Spectral) -> Float[Array, "batch layers"]:
+def model_exact_losses(
+    model: LinearTransformer, batch, sp: Spectral
+) -> Float[Array, "batch layers"]:
     """Exact adjusted loss ½‖w^l − μ‖² after every layer."""
     w, _ = model_weights_and_predictions(model, batch.x, batch.y, batch.xq)
     coords = jax.vmap(sp.to_coords, in_axes=1, out_axes=0)(w)  # (layers, batch, d)
@@ -72,8 +80,8 @@ def _layer_losses(model, batch, sp):
     coords = jax.vmap(sp.to_coords, in_axes=1, out_axes=0)(w)
     exact = exact_loss(sp, coords)  # (layers, batch)
     orc = jnp.sum(sp.oracle * sp.q, axis=-1)
-    sampled = 0.5 * (preds.T - sp.yq) ** 2 - 0.5 * (orc - sp.yq) ** 2
-    unadjusted = 0.5 * (preds.T - sp.yq) ** 2
+    unadjusted = 0.5 * (preds.T - sp.yq[None]) ** 2
+    sampled = unadjusted - 0.5 * (orc - sp.yq)[None] ** 2
     return exact, sampled, unadjusted
 
 
@@ -85,9 +93,34 @@ def _baseline_losses(tuned: TunedBaselines, sp: Spectral):
     return out
 
 
+@eqx.filter_jit
+def _chunk_losses(model: LinearTransformer | None, tuned: TunedBaselines | None, batch) -> dict:
+    """Every per-sequence loss of one chunk of test sequences, in one compiled program."""
+    sp = spectral(batch)
+    out = {"oracle_trace": posterior_trace(sp)}
+    if model is not None:
+        out["model"] = _layer_losses(model, batch, sp)
+    if tuned is not None:
+        out["baselines"] = _baseline_losses(tuned, sp)
+    return out
+
+
+@eqx.filter_jit
+def _profile_point(model: LinearTransformer | None, tuned: TunedBaselines | None, batch) -> dict:
+    sp = spectral(batch)
+    out = {"oracle_trace": posterior_trace(sp)}
+    if model is not None:
+        out["model"] = model_exact_losses(model, batch, sp)
+    if tuned is not None:
+        out["baselines"] = {name: exact_loss(sp, c) for name, c in tuned.coords(sp).items()}
+    return out
+
+
 def _keys(config: Config) -> dict[str, PRNGKeyArray]:
-    base = jr.key(config.eval.seed)
-    return {name: jr.fold_in(base, i) for i, name in enumerate(("tune", "test", "profile", "select"))}
+    base = prng_key(config.eval.seed)
+    return {
+        name: jr.fold_in(base, i) for i, name in enumerate(("tune", "test", "profile", "select"))
+    }
 
 
 def tune(config: Config) -> TunedBaselines:
@@ -97,21 +130,18 @@ def tune(config: Config) -> TunedBaselines:
     return tune_baselines(sp, gd_steps=config.model.layers)
 
 
-def select_losses(
-    models: LinearTransformer, config: Config
-) -> Float[Array, " members"]:
+def select_losses(models: LinearTransformer, config: Config) -> Float[Array, " members"]:
     """Exact adjusted loss of every ensemble member (stacked models) on held-out sequences:
     the best-of-seeds selection."""
     dt = eval_dtype()
+    models = cast(models, dt)
     batch = sample_batch(_keys(config)["select"], config.task, config.train.select_sequences, dt)
     sp = spectral(batch)
 
     def one(m):
         return jnp.mean(model_exact_losses(m, batch, sp)[:, -1])
 
-    return jnp.stack(
-        [one(_member(models, i)) for i in range(_num_members(models))]
-    )
+    return jnp.stack([one(_member(models, i)) for i in range(_num_members(models))])
 
 
 def _num_members(models) -> int:
@@ -129,39 +159,42 @@ def profile_sigmas(task: TaskConfig, points: int, factor: float) -> np.ndarray:
 
 
 def evaluate(
-    model: LinearTransformer,
+    model: LinearTransformer | None,
     config: Config,
     progress: Callable[[str], None] | None = None,
+    baselines: bool = True,
 ) -> dict:
     """Everything eval.json holds: the model's adjusted loss (exact and sampled estimator, with
     standard errors) after every layer, its unadjusted loss, the baselines on the same
-    sequences, per-variance profiles, and the paper's numbers for this cell."""
+    sequences (unless `baselines=False`: a sweep scores them once per noise setting),
+    per-variance profiles, and the paper's numbers for this cell."""
     dt = eval_dtype()
-    model = cast(model, dt)
+    model = cast(model, dt) if model is not None else None
     keys = _keys(config)
     say = progress or (lambda _: None)
-    say("tuning baselines")
-    tuned = tune(config)
+    tuned = None
+    if baselines:
+        say("tuning baselines")
+        tuned = tune(config)
 
     ec = config.eval
-    chunks = [ec.chunk] * (ec.sequences // ec.chunk) + ([ec.sequences % ec.chunk] if ec.sequences % ec.chunk else [])
+    chunks = [ec.chunk] * (ec.sequences // ec.chunk) + (
+        [ec.sequences % ec.chunk] if ec.sequences % ec.chunk else []
+    )
     acc: dict[str, list] = {}
     for i, size in enumerate(chunks):
         say(f"test sequences {sum(chunks[:i])}/{ec.sequences}")
         batch = sample_batch(jr.fold_in(keys["test"], i), config.task, size, dt)
-        sp = spectral(batch)
-        exact, sampled, unadj = _layer_losses(model, batch, sp)
-        acc.setdefault("exact", []).append(np.asarray(exact))
-        acc.setdefault("sampled", []).append(np.asarray(sampled))
-        acc.setdefault("unadjusted", []).append(np.asarray(unadj))
-        acc.setdefault("oracle_trace", []).append(np.asarray(posterior_trace(sp)))
-        for name, losses in _baseline_losses(tuned, sp).items():
-            acc.setdefault(name, []).append(tuple(np.asarray(v) for v in losses))
-    exact = np.concatenate(acc.pop("exact"), axis=1)
-    sampled = np.concatenate(acc.pop("sampled"), axis=1)
-    unadj = np.concatenate(acc.pop("unadjusted"), axis=1)
+        out = jax.device_get(_chunk_losses(model, tuned, batch))
+        if model is not None:
+            exact, sampled, unadj = out["model"]
+            acc.setdefault("exact", []).append(exact)
+            acc.setdefault("sampled", []).append(sampled)
+            acc.setdefault("unadjusted", []).append(unadj)
+        acc.setdefault("oracle_trace", []).append(out["oracle_trace"])
+        for name, losses in out.get("baselines", {}).items():
+            acc.setdefault(name, []).append(losses)
     oracle_trace = np.concatenate(acc.pop("oracle_trace"))
-    finite = bool(np.all(np.isfinite(exact)) and np.all(np.isfinite(sampled)))
 
     def summary(ex, sa, un):
         return {
@@ -170,46 +203,68 @@ def evaluate(
             "unadjusted": mean_se(un),
         }
 
-    result = {
-        "sequences": ec.sequences,
-        "dtype": jnp.dtype(dt).name,
-        "model": {
-            "finite": finite,
+    result: dict = {"sequences": ec.sequences, "dtype": jnp.dtype(dt).name}
+    if model is not None:
+        exact = np.concatenate(acc.pop("exact"), axis=1)
+        sampled = np.concatenate(acc.pop("sampled"), axis=1)
+        unadj = np.concatenate(acc.pop("unadjusted"), axis=1)
+        result["model"] = {
+            "finite": bool(np.all(np.isfinite(exact)) and np.all(np.isfinite(sampled))),
             **summary(exact[-1], sampled[-1], unadj[-1]),
             "after_layer": [
                 {"layer": k + 1, **summary(exact[k], sampled[k], unadj[k])}
                 for k in range(exact.shape[0])
             ],
-        },
-        "baselines": {
-            name: summary(*(np.concatenate([c[j] for c in chunks_]) for j in range(3)))
-            for name, chunks_ in acc.items()
-        },
-        "oracle_expected_unadjusted": mean_se(oracle_trace),
-        "baseline_params": dataclasses.asdict(tuned),
+        }
+    result["baselines"] = {
+        name: summary(*(np.concatenate([c[j] for c in chunks_]) for j in range(3)))
+        for name, chunks_ in acc.items()
     }
+    result["oracle_expected_unadjusted"] = mean_se(oracle_trace)
+    result["baseline_params"] = dataclasses.asdict(tuned) if tuned is not None else None
     say("per-variance profile")
     result["profile"] = profile(model, config, tuned)
     result["paper"] = {"model": paper_value(config), **paper_baselines(config.task)}
     return result
 
 
-def profile(model: LinearTransformer, config: Config, tuned: TunedBaselines) -> dict:
-    """Exact adjusted loss (every layer and every baseline) and the oracle's expected
-    unadjusted loss at fixed σ on a grid reaching beyond the training range."""
+def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselines | None) -> dict:
+    """Exact adjusted loss (every layer and every baseline, with standard errors) and the
+    oracle's expected unadjusted loss at fixed σ on a grid reaching beyond the training range."""
     dt = eval_dtype()
     ec = config.eval
     sigmas = profile_sigmas(config.task, ec.profile_points, ec.profile_factor)
-    out: dict = {"sigma": sigmas.tolist(), "model": [], "baselines": {}, "oracle_unadjusted": []}
+    out: dict = {
+        "sigma": sigmas.tolist(),
+        "sequences": ec.profile_sequences,
+        "model": [],
+        "model_se": [],
+        "baselines": {},
+        "baselines_se": {},
+        "oracle_unadjusted": [],
+    }
+    root_n = math.sqrt(ec.profile_sequences)
     key = _keys(config)["profile"]
     for i, s in enumerate(sigmas):
         batch = sample_batch(
-            jr.fold_in(key, i), config.task, ec.profile_sequences, dt,
+            jr.fold_in(key, i),
+            config.task,
+            ec.profile_sequences,
+            dt,
             sigma=jnp.full((ec.profile_sequences,), s, dt),
         )
-        sp = spectral(batch)
-        out["model"].append(np.asarray(jnp.mean(model_exact_losses(model, batch, sp), axis=0)).tolist())
-        out["oracle_unadjusted"].append(float(jnp.mean(posterior_trace(sp))))
-        for name, coords in tuned.coords(sp).items():
-            out["baselines"].setdefault(name, []).append(float(jnp.mean(exact_loss(sp, coords))))
+        point = jax.device_get(_profile_point(model, tuned, batch))
+        if model is not None:
+            losses = point["model"]
+            out["model"].append(losses.mean(axis=0).tolist())
+            out["model_se"].append((losses.std(axis=0, ddof=1) / root_n).tolist())
+        out["oracle_unadjusted"].append(float(point["oracle_trace"].mean()))
+        for name, losses in point.get("baselines", {}).items():
+            out["baselines"].setdefault(name, []).append(float(losses.mean()))
+            out["baselines_se"].setdefault(name, []).append(float(losses.std(ddof=1) / root_n))
     return out
+
+
+def evaluate_baselines(config: Config, progress: Callable[[str], None] | None = None) -> dict:
+    """The baselines alone, on the same test sequences as `evaluate` (same keys)."""
+    return evaluate(None, config, progress=progress, baselines=True)

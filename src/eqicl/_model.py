@@ -213,7 +213,9 @@ class LinearTransformer(eqx.Module, strict=True):
         """Predictions ŷ for every query after every layer (row l: after layer l + 1)."""
         return -self.tokens(x, y, xq)[1:, x.shape[0] :, -1]
 
-    def predict(self, x: Float[Array, "n d"], y: Float[Array, " n"], xq: Float[Array, " d"]) -> Float[Array, ""]:
+    def predict(
+        self, x: Float[Array, "n d"], y: Float[Array, " n"], xq: Float[Array, " d"]
+    ) -> Float[Array, ""]:
         """The model's prediction for one query after the last layer."""
         return self(x, y, xq[None])[-1, 0]
 

@@ -263,11 +263,17 @@ def save_checkpoint(manager, state: TrainState) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"leaves": arrays}), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
         ),
         force=True,
     )
     manager.wait_until_finished()
+
+
+def _as_dict(leaves: list) -> dict:
+    # The state's leaves in order, under zero-padded keys: orbax stores dicts by key, and the
+    # structure itself is rebuilt from the config (static fields are never saved).
+    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
 
 
 def _read_meta(manager, step: int) -> dict:
@@ -303,8 +309,9 @@ def _restore_step(manager, step: int, config: Config, where: str) -> TrainState:
     _check_shapes(meta, _signature(abstract), where)
     try:
         restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore({"leaves": abstract}))
-        )["state"]["leaves"]
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_dict(abstract)))
+        )["state"]
+        restored = [restored[k] for k in sorted(restored)]
     except Exception as e:
         raise _Corrupt(f"its arrays cannot be read: {type(e).__name__}") from None
     arrays = [np.asarray(a) for a in restored]
@@ -692,10 +699,15 @@ def _failed(reason: str, **extra) -> dict:
 
 
 def finish(
-    config: Config, path: pathlib.Path, state: TrainState, echo: Callable[[str], None] = print
+    config: Config,
+    path: pathlib.Path,
+    state: TrainState,
+    echo: Callable[[str], None] = print,
+    baselines: bool = True,
 ) -> dict:
-    """Select the best seed on held-out sequences, evaluate it, write eval.json. A model
-    with non-finite predictions is reported as failed, never scored."""
+    """Select the best seed on held-out sequences, evaluate it (with the baselines unless
+    `baselines=False`), write eval.json. A model with non-finite predictions is reported as
+    failed, never scored."""
     tc = config.train
     eval_path = path / "eval.json"
     # select_losses samples in the evaluation dtype; the model must match it (strict promotion).
@@ -722,7 +734,7 @@ def finish(
     best = selection["best"]
     echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
     t0 = time.perf_counter()
-    result = evaluate_model(_member(state.model, best), config)
+    result = evaluate_model(_member(state.model, best), config, baselines=baselines)
     if not result["model"]["finite"]:
         result = _failed(
             f"seed {best}'s model gives non-finite predictions on the test sequences", **extra
@@ -740,9 +752,11 @@ def run(
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = _stderr_warning,
     evaluate: bool = True,
+    baselines: bool = True,
 ) -> dict:
     """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json
-    (with `evaluate=False`, stop after training: {"status": "trained", "steps": ...}).
+    (with the baselines on the same sequences unless `baselines=False`; with
+    `evaluate=False`, stop after training: {"status": "trained", "steps": ...}).
 
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
@@ -780,7 +794,7 @@ def run(
                 return result
         if not evaluate:
             return {"status": "trained", "steps": int(state.step[0])}
-        return finish(config, path, state, echo)
+        return finish(config, path, state, echo, baselines)
 
 
 def summary_table(config: Config, result: dict) -> str:

@@ -1,5 +1,7 @@
 """The noisy linear-regression task (SPEC §1) and the oracle posterior mean."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,16 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._config import TaskConfig
+
+PRNG_IMPL = "rbg"
+
+
+def prng_key(seed: int) -> PRNGKeyArray:
+    """The root key of a run or an evaluation. `rbg` draws bits with XLA's RngBitGenerator
+    (split and fold_in stay threefry): deterministic on a given backend, and it compiles an
+    order of magnitude faster than threefry on XLA:CPU (measured 1 s vs 14 s for one batched
+    sampler on 2 cores), which dominates short runs, resumes and tests."""
+    return jr.key(seed, impl=PRNG_IMPL)
 
 
 class Batch(eqx.Module):
@@ -19,9 +31,9 @@ class Batch(eqx.Module):
     x: Float[Array, "batch n d"]
     y: Float[Array, "batch n"]
     xq: Float[Array, "batch d"]
-    yq: Float[Array, "batch"]
+    yq: Float[Array, " batch"]
     w: Float[Array, "batch d"]
-    sigma: Float[Array, "batch"]
+    sigma: Float[Array, " batch"]
 
 
 def sample_sigma(
@@ -58,6 +70,18 @@ def sample_batch(
     y = jnp.einsum("bnd,bd->bn", x, w) + sigma[:, None] * noise
     yq = jnp.einsum("bd,bd->b", xq, w)
     return Batch(x=x, y=y, xq=xq, yq=yq, w=w, sigma=sigma)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "batch", "dtype"))
+def sample_batch_jit(
+    key: PRNGKeyArray,
+    task: TaskConfig,
+    batch: int,
+    dtype=jnp.float32,
+    sigma: Float[Array, " batch"] | None = None,
+) -> Batch:
+    """`sample_batch` compiled as one program (evaluation samples outside any jit)."""
+    return sample_batch(key, task, batch, dtype, sigma)
 
 
 def statistics(

@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from . import _faults
 from ._config import Config, TrainConfig
 from ._model import LinearTransformer, init_transformer
-from ._task import Batch, batch_oracle_weights, sample_batch
+from ._task import Batch, batch_oracle_weights, prng_key, sample_batch
 
 LOSS_WINDOW = 16  # jitted calls whose mean loss the explosion check takes the median of
 
@@ -47,7 +47,7 @@ def train_dtype(train: TrainConfig):
 
 def member_keys(seed: int, member: Int[Array, ""] | int) -> tuple[PRNGKeyArray, PRNGKeyArray]:
     """(model_key, data_key) of ensemble member `member`."""
-    model_key, data_key = jr.split(jr.fold_in(jr.key(seed), member))
+    model_key, data_key = jr.split(jr.fold_in(prng_key(seed), member))
     return model_key, data_key
 
 
@@ -110,7 +110,9 @@ def init_ensemble(config: Config) -> TrainState:
 
 
 def _all_finite(tree) -> Bool[Array, ""]:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    leaves = [
+        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    ]
     return jnp.all(jnp.stack(leaves))
 
 
@@ -128,7 +130,10 @@ def train_step(
     loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
     loss, grads = _faults.corrupt_gradient(loss, grads, state.step, member, state.rollbacks)
     params = eqx.filter(state.model, eqx.is_inexact_array)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    # optax mixes Python floats with its int32 step count (bias correction, schedules), which
+    # strict dtype promotion (on in the tests) rejects; the standard rules are exact here.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
     # Scaling Adam's output is scaling its learning rate, and leaves its moments untouched.
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     model = eqx.apply_updates(state.model, updates)
@@ -155,7 +160,9 @@ def make_train_chunk(config: Config, num_steps: int):
     `lax.scan`), returning the new states and each member's per-step losses and skips."""
 
     def member_chunk(state, member):
-        return jax.lax.scan(lambda s, _: train_step(s, member, config), state, None, length=num_steps)
+        return jax.lax.scan(
+            lambda s, _: train_step(s, member, config), state, None, length=num_steps
+        )
 
     @eqx.filter_jit(donate="all-except-first")
     def chunk(members: Int[Array, " members"], states: TrainState):

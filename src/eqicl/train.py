@@ -33,10 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    # Evaluation resolves losses down to 1e-12, so x64 is on; training uses train.dtype.
-    import jax
+    from ._cli import setup_jax
 
-    jax.config.update("jax_enable_x64", True)
+    setup_jax()
     from ._config import ConfigError, preset
     from ._faults import faults
     from ._run import Interrupted, RunDirError, run, summary_table

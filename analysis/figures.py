@@ -1,0 +1,330 @@
+"""`python -m analysis.figures [--paper-dir runs/paper]`: the paper's Figures 1–3 and 5–7.
+
+Drawn only from the sweep's small committed files (table1.csv, cells/*.json,
+baselines/*.json), so they redraw on a fresh clone without checkpoints. Panels whose cells
+have not been run yet are left empty with a note. Figure 4 (P and Q heatmaps) needs a trained
+checkpoint: `python -m analysis.extract runs/sweep/full-L4-c1_3` draws it.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from eqicl._paper import paper_table  # noqa: E402
+from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, Cell, read_table  # noqa: E402
+
+COLORS = {"gdpp": "tab:green", "diag": "tab:blue", "full": "tab:red"}
+BASE_STYLE = {
+    "constrr": ("ConstRR", "tab:gray"),
+    "adarr": ("AdaRR", "tab:orange"),
+    "tunedrr": ("TunedRR", "tab:purple"),
+}
+
+
+def _cell(paper_dir: pathlib.Path, cell: Cell) -> dict | None:
+    path = paper_dir / "cells" / f"{cell.name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _baseline(paper_dir: pathlib.Path, column: str) -> dict | None:
+    tag = Cell("diag", 1, column).name.split("-")[-1]
+    path = paper_dir / "baselines" / f"{tag}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _legend(ax):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+
+
+def _empty(ax, text="not run yet"):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
+
+
+def figure1(paper_dir: pathlib.Path, rows) -> plt.Figure:
+    """Adjusted loss against depth, one panel per noise setting, every method; paper dashed."""
+    table = paper_table()
+    fig, axes = plt.subplots(2, 5, figsize=(20, 7.5), sharex=True)
+    for ax, column in zip(axes.flat, COLUMNS, strict=True):
+        for model, row_name in MODEL_ROWS.items():
+            ours = [
+                (c.layers, float(r["exact"]))
+                for c, r in rows.items()
+                if c.model == model and c.column == column
+            ]
+            ours.sort()
+            if ours:
+                ax.plot(
+                    *zip(*ours, strict=True), "o-", color=COLORS[model], label=f"{row_name} (eqicl)"
+                )
+            ax.plot(
+                LAYERS,
+                [table[(row_name, layer, column)] for layer in LAYERS],
+                "--",
+                color=COLORS[model],
+                alpha=0.5,
+                label=f"{row_name} (paper)",
+            )
+        for _name, (label, color) in BASE_STYLE.items():
+            ax.axhline(
+                table[(label.upper(), None, column)],
+                color=color,
+                lw=1,
+                ls=":",
+                label=f"{label} (paper)",
+            )
+        ax.set_yscale("log")
+        ax.set_title(
+            f"σ ~ U(0, {column})"
+            if not column.startswith("{")
+            else f"σ ∈ {column.replace(';', ',')}"
+        )
+        ax.set_xlabel("layers")
+    axes[0, 0].set_ylabel("adjusted loss")
+    axes[1, 0].set_ylabel("adjusted loss")
+    _legend(axes[0, 0])
+    fig.suptitle("Figure 1: adjusted loss vs number of layers (solid: eqicl, dashed: paper)")
+    fig.tight_layout()
+    return fig
+
+
+def _profile_panel(ax, paper_dir, column, models, layers_list, title):
+    drew = False
+    for model in models:
+        for layers in layers_list:
+            data = _cell(paper_dir, Cell(model, layers, column))
+            if data is None:
+                continue
+            prof = data["profile"]
+            last = [v[-1] for v in prof["model"]]
+            alpha = 0.35 + 0.65 * layers / max(LAYERS)
+            ax.plot(
+                prof["sigma"],
+                last,
+                color=COLORS[model],
+                alpha=alpha,
+                label=f"{MODEL_ROWS[model]} L={layers}",
+            )
+            drew = True
+    base = _baseline(paper_dir, column)
+    if base is not None:
+        for name, (label, color) in BASE_STYLE.items():
+            if name in base["profile"]["baselines"]:
+                ax.plot(
+                    base["profile"]["sigma"],
+                    base["profile"]["baselines"][name],
+                    ls="--",
+                    color=color,
+                    label=label,
+                )
+    if not drew:
+        _empty(ax)
+    ax.set_title(title)
+    ax.set_xlabel("σ")
+    ax.set_yscale("log")
+
+
+def figure2(paper_dir: pathlib.Path) -> plt.Figure:
+    """Per-variance profiles for the uniform settings: DIAG at every depth and the baselines."""
+    columns = ["1", "3", "5", "7"]
+    fig, axes = plt.subplots(len(columns), 3, figsize=(15, 3.6 * len(columns)))
+    for i, column in enumerate(columns):
+        for j, model in enumerate(MODEL_ROWS):
+            _profile_panel(
+                axes[i, j],
+                paper_dir,
+                column,
+                [model],
+                LAYERS,
+                f"{MODEL_ROWS[model]}, σ ~ U(0, {column})",
+            )
+    _legend(axes[0, 0])
+    fig.suptitle(
+        "Figure 2: adjusted loss against σ (trained on σ ~ U(0, σ_max); dashed: baselines)"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def figure3(paper_dir: pathlib.Path) -> plt.Figure:
+    """Per-variance profiles for the categorical settings: DIAG vs FULL."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for i, column in enumerate(["{1;3}", "{1;3;5}"]):
+        for j, layers in enumerate([3, 5, 7]):
+            _profile_panel(
+                axes[i, j],
+                paper_dir,
+                column,
+                ["diag", "full", "gdpp"],
+                [layers],
+                f"σ ∈ {column.replace(';', ',')}, {layers} layers",
+            )
+    _legend(axes[0, 0])
+    fig.suptitle("Figure 3: categorical noise, adjusted loss against σ")
+    fig.tight_layout()
+    return fig
+
+
+def figure5(paper_dir: pathlib.Path) -> plt.Figure:
+    """Loss after k layers inside one trained model, σ ~ U(0, 5)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    base = _baseline(paper_dir, "5")
+    for ax, model in zip(axes, MODEL_ROWS, strict=True):
+        drew = False
+        for layers in LAYERS:
+            data = _cell(paper_dir, Cell(model, layers, "5"))
+            if data is None:
+                continue
+            ks = [r["layer"] for r in data["after_layer"]]
+            vals = [r["adjusted_exact"]["mean"] for r in data["after_layer"]]
+            ax.plot(
+                ks,
+                vals,
+                "o-",
+                color=COLORS[model],
+                alpha=0.3 + 0.7 * layers / 7,
+                label=f"{layers}-layer model",
+            )
+            drew = True
+        if base is not None:
+            for name, (label, color) in BASE_STYLE.items():
+                ax.axhline(_base_value(paper_dir, name, "5"), color=color, ls=":", label=label)
+        if not drew:
+            _empty(ax)
+        ax.set_yscale("log")
+        ax.set_xlabel("k (layers applied)")
+        ax.set_title(f"{MODEL_ROWS[model]}, σ ~ U(0, 5)")
+    axes[0].set_ylabel("adjusted loss after k layers")
+    _legend(axes[0])
+    fig.suptitle("Figure 5: loss after k layers inside one model")
+    fig.tight_layout()
+    return fig
+
+
+def _base_value(paper_dir, name, column) -> float:
+    import csv
+    import io
+
+    path = paper_dir / "baselines.csv"
+    for r in csv.DictReader(io.StringIO(path.read_text())):
+        if r["method"] == name and r["noise"] == column:
+            return float(r["exact"])
+    return float("nan")
+
+
+def figure6(paper_dir: pathlib.Path) -> plt.Figure:
+    """Unadjusted loss against σ: adjusted profile plus the oracle's own expected loss."""
+    columns = ["1", "3", "5", "7"]
+    fig, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4.2))
+    for ax, column in zip(axes, columns, strict=True):
+        base = _baseline(paper_dir, column)
+        if base is None:
+            _empty(ax)
+            continue
+        orc = base["profile"]["oracle_unadjusted"]
+        sig = base["profile"]["sigma"]
+        ax.plot(sig, orc, "k-", label="oracle")
+        for model in MODEL_ROWS:
+            data = _cell(paper_dir, Cell(model, 7, column))
+            if data is not None:
+                ax.plot(
+                    sig,
+                    [o + v[-1] for o, v in zip(orc, data["profile"]["model"], strict=True)],
+                    color=COLORS[model],
+                    label=f"{MODEL_ROWS[model]} L=7",
+                )
+        for name, (label, color) in BASE_STYLE.items():
+            vals = base["profile"]["baselines"].get(name)
+            if vals:
+                ax.plot(
+                    sig,
+                    [o + v for o, v in zip(orc, vals, strict=True)],
+                    ls="--",
+                    color=color,
+                    label=label,
+                )
+        ax.set_title(f"σ ~ U(0, {column})")
+        ax.set_xlabel("σ")
+    axes[0].set_ylabel("unadjusted loss ½E(ŷ − y_t)²")
+    _legend(axes[0])
+    fig.suptitle("Figure 6: unadjusted loss against σ")
+    fig.tight_layout()
+    return fig
+
+
+def figure7(paper_dir: pathlib.Path) -> plt.Figure:
+    """Layer-by-layer per-variance profiles inside the deepest model, σ ~ U(0, 5)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, model in zip(axes, MODEL_ROWS, strict=True):
+        data = _cell(paper_dir, Cell(model, 7, "5"))
+        if data is None:
+            _empty(ax)
+        else:
+            prof = data["profile"]
+            per_layer = list(zip(*prof["model"], strict=True))
+            for k, vals in enumerate(per_layer):
+                ax.plot(
+                    prof["sigma"],
+                    vals,
+                    color=COLORS[model],
+                    alpha=0.25 + 0.75 * (k + 1) / len(per_layer),
+                    label=f"after layer {k + 1}",
+                )
+        ax.set_yscale("log")
+        ax.set_xlabel("σ")
+        ax.set_title(f"{MODEL_ROWS[model]}, 7 layers, σ ~ U(0, 5)")
+    axes[0].set_ylabel("adjusted loss")
+    _legend(axes[0])
+    fig.suptitle("Figure 7: per-variance profile after each layer")
+    fig.tight_layout()
+    return fig
+
+
+def draw_all(paper_dir: pathlib.Path) -> list[pathlib.Path]:
+    rows = read_table(paper_dir / "table1.csv")
+    out_dir = paper_dir / "figures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in (
+        ("figure1.png", lambda: figure1(paper_dir, rows)),
+        ("figure2.png", lambda: figure2(paper_dir)),
+        ("figure3.png", lambda: figure3(paper_dir)),
+        ("figure5.png", lambda: figure5(paper_dir)),
+        ("figure6.png", lambda: figure6(paper_dir)),
+        ("figure7.png", lambda: figure7(paper_dir)),
+    ):
+        fig = make()
+        fig.savefig(out_dir / name, dpi=80)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.figures", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--paper-dir", default="runs/paper", help="the sweep's results (default runs/paper)"
+    )
+    args = parser.parse_args(argv)
+    paper_dir = pathlib.Path(args.paper_dir)
+    if not (paper_dir / "table1.csv").is_file():
+        print(
+            f"error: {paper_dir / 'table1.csv'} does not exist; run `just sweep` first",
+            file=sys.stderr,
+        )
+        return 2
+    for path in draw_all(paper_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

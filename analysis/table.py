@@ -1,0 +1,128 @@
+"""`python -m analysis.table [--paper-dir runs/paper]`: our Table 1 beside the paper's.
+
+Reads the sweep's committed `table1.csv` and `baselines.csv`, writes
+`table1_vs_paper.md` (a side-by-side table, one verdict per cell) and prints it with the
+matched / beaten / missed counts. A cell is *matched* when our adjusted loss is at most the
+paper's plus max(10 % of it, 0.002) (issue 4's target), *beaten* when it is also below the
+paper's by more than max(5 % of it, two standard errors), *missed* otherwise; cells not yet
+run are *missing*. The verdict uses the exact estimator (same expectation as the paper's
+sampled one, far smaller standard error); the sampled value is shown beside it.
+"""
+
+import argparse
+import csv
+import io
+import pathlib
+import sys
+
+from eqicl._paper import paper_table
+from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, SweepError, read_table
+
+
+def verdict(ours: float, se: float, paper: float) -> str:
+    """matched / beaten / missed for one cell (see the module docstring)."""
+    if ours != ours:  # NaN: the cell failed
+        return "missed"
+    if ours > paper + max(0.1 * paper, 0.002):
+        return "missed"
+    if ours < paper - max(0.05 * paper, 2 * se):
+        return "beaten"
+    return "matched"
+
+
+def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
+    """The side-by-side markdown table and the verdict counts."""
+    rows = read_table(paper_dir / "table1.csv")
+    table = paper_table()
+    counts = {"matched": 0, "beaten": 0, "missed": 0, "missing": 0}
+    marks = {"matched": "=", "beaten": "+", "missed": "✗", "missing": "·"}
+    head = "| model | L | " + " | ".join(COLUMNS) + " |"
+    lines = [
+        "# Table 1: ours vs the paper (adjusted loss, exact estimator; table1.csv has the "
+        "sampled one and standard errors)",
+        "",
+        "Each cell: ours / paper, then = matched, + beaten, ✗ missed, · not run.",
+        "",
+        head,
+        "|" + "---|" * (len(COLUMNS) + 2),
+    ]
+    by_cell = {(c.model, c.layers, c.column): r for c, r in rows.items()}
+    for layers in LAYERS:
+        for model, row_name in MODEL_ROWS.items():
+            cells = []
+            for column in COLUMNS:
+                paper = table[(row_name, layers, column)]
+                r = by_cell.get((model, layers, column))
+                if r is None:
+                    v = "missing"
+                    cells.append(f"· / {paper:.3g} ·")
+                else:
+                    ours = float(r["exact"])
+                    v = verdict(ours, float(r["exact_se"]), paper)
+                    cells.append(f"{ours:.3g} / {paper:.3g} {marks[v]}")
+                counts[v] += 1
+            lines.append(f"| {row_name} | {layers} | " + " | ".join(cells) + " |")
+    base = _baselines(paper_dir)
+    if base:
+        lines += [
+            "",
+            "Baselines (ours exact / ours sampled / paper):",
+            "",
+            head.replace("model | L", "method | "),
+            "|" + "---|" * (len(COLUMNS) + 2),
+        ]
+        for name, label in (("constrr", "CONSTRR"), ("adarr", "ADARR"), ("tunedrr", "TUNEDRR")):
+            cells = []
+            for column in COLUMNS:
+                r = base.get((name, column))
+                paper = table[(label, None, column)]
+                cells.append(
+                    "·"
+                    if r is None
+                    else f"{float(r['exact']):.3g} / {float(r['adjusted']):.3g} / {paper:.3g}"
+                )
+            lines.append(f"| {label} | | " + " | ".join(cells) + " |")
+    total = sum(counts.values())
+    lines += [
+        "",
+        f"{counts['matched'] + counts['beaten']} of {total} cells matched or beaten "
+        f"({counts['beaten']} beaten), {counts['missed']} missed, {counts['missing']} not run.",
+    ]
+    return "\n".join(lines) + "\n", counts
+
+
+def _baselines(paper_dir: pathlib.Path) -> dict:
+    path = paper_dir / "baselines.csv"
+    if not path.exists():
+        return {}
+    return {(r["method"], r["noise"]): r for r in csv.DictReader(io.StringIO(path.read_text()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.table", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--paper-dir", default="runs/paper", help="the sweep's results (default runs/paper)"
+    )
+    args = parser.parse_args(argv)
+    paper_dir = pathlib.Path(args.paper_dir)
+    if not (paper_dir / "table1.csv").is_file():
+        print(
+            f"error: {paper_dir / 'table1.csv'} does not exist; run `just sweep` first",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        text, counts = compare(paper_dir)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    (paper_dir / "table1_vs_paper.md").write_text(text)
+    print(text, end="")
+    print(f"wrote {paper_dir / 'table1_vs_paper.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

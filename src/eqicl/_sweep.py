@@ -1,0 +1,341 @@
+"""The Table 1 sweep: {GD++, DIAG, FULL} × layers 1–7 × the paper's 10 noise settings.
+
+Every cell is an ordinary run directory under `run_root` (so it resumes like any run), and
+its result is recorded in the small committed files of `paper_dir`:
+`table1.csv` (one row per cell), `cells/<cell>.json` (loss after every layer and the
+per-variance profile, enough to redraw the figures without checkpoints) and
+`baselines.csv` + `baselines/<column>.json` (the baselines, scored once per noise setting).
+Cells already in `table1.csv` are skipped unless forced, so a sweep can run in parts, on
+several machines, and be interrupted at any point.
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from ._config import Config, ConfigError, TaskConfig, preset
+from ._evaluate import evaluate_baselines
+from ._paper import paper_table
+
+MODELS = ("gdpp", "diag", "full")
+LAYERS = tuple(range(1, 8))
+COLUMNS = ("0", "1", "2", "3", "4", "5", "6", "7", "{1;3}", "{1;3;5}")
+MODEL_ROWS = {"gdpp": "GD++", "diag": "DIAG", "full": "FULL"}
+TABLE_FIELDS = (
+    "method",
+    "layers",
+    "noise",
+    "adjusted",
+    "adjusted_se",
+    "exact",
+    "exact_se",
+    "paper",
+    "steps",
+    "seeds",
+    "lr",
+    "best_seed",
+    "train_seconds",
+    "eval_seconds",
+    "status",
+)
+BASELINE_FIELDS = (
+    "method",
+    "noise",
+    "adjusted",
+    "adjusted_se",
+    "exact",
+    "exact_se",
+    "paper",
+    "params",
+)
+
+# The recipe (SPEC §8, measured in README "Reproducing the paper"): scaled units, every layer
+# starting as a stable GD step, the exact objective with per-sequence loss capped at 20,
+# Adam with warm-up and cosine decay, global-norm clip 1.
+LEARNING_RATES = {"gdpp": 3e-2, "diag": 3e-2, "full": 1e-2}
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as asked, or a results file that cannot be trusted."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Cell:
+    model: str
+    layers: int
+    column: str
+
+    @property
+    def name(self) -> str:
+        col = self.column
+        tag = f"c{col.strip('{}').replace(';', '_')}" if col.startswith("{") else f"u{col}"
+        return f"{self.model}-L{self.layers}-{tag}"
+
+    @property
+    def row(self) -> str:
+        return MODEL_ROWS[self.model]
+
+
+def task_for(column: str) -> TaskConfig:
+    """The task of a Table 1 column: "3" is σ ~ U(0, 3), "{1;3}" is σ uniform over {1, 3}."""
+    if column not in COLUMNS:
+        raise SweepError(f"unknown noise setting {column!r} (one of {', '.join(COLUMNS)})")
+    if column.startswith("{"):
+        levels = tuple(float(v) for v in column.strip("{}").split(";"))
+        return TaskConfig(noise="categorical", sigma_set=levels)
+    return TaskConfig(noise="uniform", sigma_max=float(column))
+
+
+def column_overrides(column: str) -> list[str]:
+    task = task_for(column)
+    if task.noise == "categorical":
+        return ["task.noise=categorical", "task.sigma_set=" + ",".join(map(str, task.sigma_set))]
+    return ["task.noise=uniform", f"task.sigma_max={task.sigma_max}"]
+
+
+def cell_config(cell: Cell, steps: int | None, seeds: int, extra: Sequence[str] = ()) -> Config:
+    """The config the sweep trains for one cell: the default preset with the cell's model,
+    depth and noise, the recipe's learning rate, then the user's overrides."""
+    overrides = [
+        f"model.kind={cell.model}",
+        f"model.layers={cell.layers}",
+        f"train.lr={LEARNING_RATES[cell.model]}",
+        f"train.seeds={seeds}",
+        *column_overrides(cell.column),
+    ]
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    return preset("default", [*overrides, *extra])
+
+
+def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
+    """Cells from comma-separated lists; layers also as a range "1-7"; "all" for everything."""
+
+    def items(text, allowed, what):
+        if text == "all":
+            return list(allowed)
+        out = []
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            if what == "layers" and "-" in part:
+                lo, hi = part.split("-", 1)
+                try:
+                    out += [str(i) for i in range(int(lo), int(hi) + 1)]
+                except ValueError:
+                    raise SweepError(f"bad layer range {part!r}") from None
+            else:
+                out.append(part)
+        bad = [p for p in out if p not in allowed]
+        if bad:
+            raise SweepError(f"unknown {what} {bad[0]!r} (one of {', '.join(allowed)})")
+        return out
+
+    ms = items(models.lower(), MODELS, "model")
+    ls = [int(v) for v in items(layers, [str(v) for v in LAYERS], "layers")]
+    cs = items(noise, COLUMNS, "noise setting")
+    return sorted({Cell(m, layer, c) for m in ms for layer in ls for c in cs}, key=_order)
+
+
+def _order(cell: Cell):
+    return (cell.layers, MODELS.index(cell.model), COLUMNS.index(cell.column))
+
+
+def read_table(path: pathlib.Path) -> dict[Cell, dict]:
+    """The recorded cells of table1.csv; a duplicated or malformed row is an error."""
+    if not path.exists():
+        return {}
+    rows: dict[Cell, dict] = {}
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    missing = set(TABLE_FIELDS) - set(reader.fieldnames or ())
+    if missing:
+        raise SweepError(f"{path} lacks the column {sorted(missing)[0]!r}")
+    for i, row in enumerate(reader, start=2):
+        model = {v: k for k, v in MODEL_ROWS.items()}.get(row["method"])
+        try:
+            layers = int(row["layers"])
+        except (TypeError, ValueError):
+            raise SweepError(f"{path}:{i}: malformed layers {row['layers']!r}") from None
+        if model is None or row["noise"] not in COLUMNS or layers not in LAYERS:
+            raise SweepError(
+                f"{path}:{i}: not a Table 1 cell ({row['method']}, {row['layers']}, {row['noise']})"
+            )
+        cell = Cell(model, layers, row["noise"])
+        if cell in rows:
+            raise SweepError(f"{path}:{i}: cell {cell.name} is recorded twice")
+        rows[cell] = row
+    return rows
+
+
+def _write_csv(path: pathlib.Path, fields: Sequence[str], rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: pathlib.Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: dict) -> dict:
+    """Add (or replace) one cell in table1.csv and write its cells/<name>.json."""
+    table_path = paper_dir / "table1.csv"
+    rows = read_table(table_path)
+    ok = result.get("status") == "ok"
+    model = result.get("model", {})
+    paper = paper_table().get((cell.row, cell.layers, cell.column))
+    row = {
+        "method": cell.row,
+        "layers": cell.layers,
+        "noise": cell.column,
+        "adjusted": _fmt(model["adjusted_sampled"]["mean"]) if ok else "nan",
+        "adjusted_se": _fmt(model["adjusted_sampled"]["se"]) if ok else "nan",
+        "exact": _fmt(model["adjusted_exact"]["mean"]) if ok else "nan",
+        "exact_se": _fmt(model["adjusted_exact"]["se"]) if ok else "nan",
+        "paper": "" if paper is None else _fmt(paper),
+        "steps": config.train.steps,
+        "seeds": config.train.seeds,
+        "lr": _fmt(config.train.lr),
+        "best_seed": result.get("selection", {}).get("best", ""),
+        "train_seconds": f"{result.get('train_seconds', 0.0):.1f}",
+        "eval_seconds": f"{result.get('eval_seconds', 0.0):.1f}",
+        "status": result.get("status", "failed"),
+    }
+    rows[cell] = row
+    _write_csv(table_path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
+    if ok:
+        _write_json(
+            paper_dir / "cells" / f"{cell.name}.json",
+            {
+                "cell": dataclasses.asdict(cell),
+                "config": config.to_dict(),
+                "after_layer": model["after_layer"],
+                "profile": {
+                    k: result["profile"][k] for k in ("sigma", "sequences", "model", "model_se")
+                },
+                "selection": result.get("selection"),
+            },
+        )
+    return row
+
+
+def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
+    """Score the baselines once for a noise setting (same test sequences as the cells)."""
+    result = evaluate_baselines(config)
+    path = paper_dir / "baselines.csv"
+    rows = {}
+    if path.exists():
+        for row in csv.DictReader(io.StringIO(path.read_text())):
+            rows[(row["method"], row["noise"])] = row
+    table = paper_table()
+    names = {"constrr": "CONSTRR", "adarr": "ADARR", "tunedrr": "TUNEDRR"}
+    for name, r in result["baselines"].items():
+        paper = table.get((names.get(name, ""), None, column))
+        rows[(name, column)] = {
+            "method": name,
+            "noise": column,
+            "adjusted": _fmt(r["adjusted_sampled"]["mean"]),
+            "adjusted_se": _fmt(r["adjusted_sampled"]["se"]),
+            "exact": _fmt(r["adjusted_exact"]["mean"]),
+            "exact_se": _fmt(r["adjusted_exact"]["se"]),
+            "paper": "" if paper is None else _fmt(paper),
+            "params": json.dumps(result["baseline_params"], sort_keys=True),
+        }
+    order = sorted(rows, key=lambda k: (COLUMNS.index(k[1]), k[0]))
+    _write_csv(path, BASELINE_FIELDS, (rows[k] for k in order))
+    _write_json(
+        paper_dir / "baselines" / f"{Cell('diag', 1, column).name.split('-')[-1]}.json",
+        {
+            "noise": column,
+            "after_layer_steps": config.model.layers,
+            "profile": result["profile"],
+            "baseline_params": result["baseline_params"],
+        },
+    )
+
+
+def recorded_baseline_columns(paper_dir: pathlib.Path) -> set[str]:
+    path = paper_dir / "baselines.csv"
+    if not path.exists():
+        return set()
+    return {row["noise"] for row in csv.DictReader(io.StringIO(path.read_text()))}
+
+
+def sweep(
+    cells: Sequence[Cell],
+    run_root: pathlib.Path,
+    paper_dir: pathlib.Path,
+    steps: int | None,
+    seeds: int,
+    extra: Sequence[str] = (),
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> list[dict]:
+    """Train, evaluate and record every cell not yet recorded (all of them with `force`)."""
+    from ._run import run
+
+    for cell in cells:  # every config is checked before anything runs
+        try:
+            cell_config(cell, steps, seeds, extra)
+        except ConfigError as e:
+            raise SweepError(f"cell {cell.name}: {e}") from None
+    done = read_table(paper_dir / "table1.csv")
+    todo = [c for c in cells if force or c not in done]
+    echo(
+        f"{len(cells)} cells asked, {len(cells) - len(todo)} already in {paper_dir / 'table1.csv'}, {len(todo)} to run"
+    )
+    columns = sorted({c.column for c in cells}, key=COLUMNS.index)
+    have = recorded_baseline_columns(paper_dir)
+    for column in columns:
+        if force or column not in have:
+            echo(f"baselines for noise {column}")
+            record_baselines(
+                paper_dir, column, cell_config(Cell("diag", 3, column), steps, seeds, extra)
+            )
+    bar = None
+    weights = {c: c.layers + 2 for c in todo}  # deeper cells cost more; for the estimate
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(weights.values()), desc="sweep", unit="work", dynamic_ncols=True)
+    out = []
+    t0 = time.perf_counter()
+    try:
+        for i, cell in enumerate(todo):
+            config = cell_config(cell, steps, seeds, extra)
+            if bar is not None:
+                bar.set_postfix_str(cell.name)
+            result = run(
+                config, run_root / cell.name, progress=False, echo=lambda _: None, baselines=False
+            )
+            row = record_cell(paper_dir, cell, config, result)
+            out.append(row)
+            paper = f" (paper {row['paper']})" if row["paper"] else ""
+            msg = f"[{i + 1}/{len(todo)}] {cell.name}: {row['exact']} ± {row['exact_se']}{paper} {row['status']}, {float(row['train_seconds']):.0f} s train"
+            if bar is not None:
+                bar.write(msg)
+                bar.update(weights[cell])
+            else:
+                echo(msg)
+    finally:
+        if bar is not None:
+            bar.close()
+    echo(f"sweep: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
+    return out

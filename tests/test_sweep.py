@@ -1,0 +1,138 @@
+import csv
+import io
+import json
+
+import pytest
+
+import eqicl
+from analysis.table import compare, verdict
+from eqicl._sweep import Cell, SweepError, cell_config, parse_cells, read_table, task_for
+from eqicl.sweep import main
+
+SMALL = [
+    "train.steps=20",
+    "train.steps_per_call=10",
+    "train.checkpoint_every=10",
+    "train.batch=32",
+    "train.select_sequences=64",
+    "eval.sequences=400",
+    "eval.tune_sequences=400",
+    "eval.chunk=400",
+    "eval.profile_points=3",
+    "eval.profile_sequences=50",
+]
+
+
+def test_parse_cells():
+    cells = parse_cells("diag,full", "1-2", "3,{1;3}")
+    assert len(cells) == 8 and Cell("full", 2, "{1;3}") in cells
+    assert len(parse_cells("all", "all", "all")) == 210
+    for bad in (("mlp", "1", "3"), ("diag", "8", "3"), ("diag", "1", "9"), ("diag", "a-b", "3")):
+        with pytest.raises(SweepError):
+            parse_cells(*bad)
+
+
+def test_cell_config_and_names():
+    assert task_for("{1;3;5}").sigma_set == (1.0, 3.0, 5.0)
+    config = cell_config(Cell("full", 4, "{1;3}"), steps=123, seeds=2)
+    assert (config.model.kind, config.model.layers, config.train.steps, config.train.seeds) == (
+        "full",
+        4,
+        123,
+        2,
+    )
+    assert config.task.label == "{1;3}" and eqicl.paper_value(config) == 0.032
+    assert (
+        Cell("gdpp", 7, "{1;3;5}").name == "gdpp-L7-c1_3_5"
+        and Cell("diag", 1, "0").name == "diag-L1-u0"
+    )
+
+
+def test_verdicts():
+    assert verdict(0.095, 0.001, 0.087) == "matched"  # within 10 %
+    assert verdict(0.070, 0.001, 0.087) == "beaten"
+    assert verdict(0.100, 0.001, 0.087) == "missed"
+    assert verdict(1e-6, 1e-7, 2.5e-12) == "matched"  # σ_max = 0: within 0.002
+    assert verdict(float("nan"), 0.0, 0.1) == "missed"
+
+
+def test_duplicated_or_foreign_rows_are_refused(tmp_path):
+    path = tmp_path / "table1.csv"
+    header = "method,layers,noise,adjusted,adjusted_se,exact,exact_se,paper,steps,seeds,lr,best_seed,train_seconds,eval_seconds,status\n"
+    row = "DIAG,3,3,0.08,0.001,0.08,0.001,0.087,10,1,0.03,0,1,1,ok\n"
+    path.write_text(header + row + row)
+    with pytest.raises(SweepError, match="recorded twice"):
+        read_table(path)
+    path.write_text(header + row.replace("DIAG", "MLP"))
+    with pytest.raises(SweepError, match="not a Table 1 cell"):
+        read_table(path)
+    path.write_text("method,layers\nDIAG,3\n")
+    with pytest.raises(SweepError, match="lacks the column"):
+        read_table(path)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Two small GD++ cells swept end to end through the command line."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    args = ["--models", "gdpp", "--layers", "1", "--noise", "0,{1;3}"]
+    args += ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
+    args += ["--no-progress"]
+    for s in SMALL:
+        args += ["--set", s]
+    assert main(args) == 0
+    return tmp_path, args
+
+
+def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
+    tmp_path, args = swept
+    rows = read_table(tmp_path / "paper" / "table1.csv")
+    assert set(rows) == {Cell("gdpp", 1, "0"), Cell("gdpp", 1, "{1;3}")}
+    assert all(r["status"] == "ok" and float(r["exact_se"]) > 0 for r in rows.values())
+    cell = json.loads((tmp_path / "paper" / "cells" / "gdpp-L1-c1_3.json").read_text())
+    assert len(cell["after_layer"]) == 1 and len(cell["profile"]["sigma"]) == 3
+    base = list(csv.DictReader(io.StringIO((tmp_path / "paper" / "baselines.csv").read_text())))
+    assert {(r["method"], r["noise"]) for r in base} >= {("tunedrr", "0"), ("constrr", "{1;3}")}
+    capsys.readouterr()
+    before = (tmp_path / "paper" / "table1.csv").read_text()
+    assert main(args) == 0
+    assert "2 already in" in capsys.readouterr().out
+    assert (tmp_path / "paper" / "table1.csv").read_text() == before
+    text, counts = compare(tmp_path / "paper")
+    assert counts["missing"] == 208 and counts["matched"] + counts["beaten"] + counts["missed"] == 2
+    assert "GD++ | 1 |" in text
+
+
+def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
+    assert main(["--layers", "0", "--paper-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown layers '0'")
+    assert (
+        main(
+            [
+                "--set",
+                "train.lrr=1",
+                "--paper-dir",
+                str(tmp_path),
+                "--models",
+                "diag",
+                "--layers",
+                "1",
+                "--noise",
+                "3",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.lrr'" in err and "\n" not in err.strip()
+    assert not any(tmp_path.iterdir())
+
+
+def test_figures_redraw_from_committed_files(swept):
+    from analysis.figures import draw_all
+
+    tmp_path, _ = swept
+    paths = draw_all(tmp_path / "paper")
+    assert [p.name for p in paths] == [f"figure{i}.png" for i in (1, 2, 3, 5, 6, 7)]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000

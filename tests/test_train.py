@@ -1,0 +1,128 @@
+import json
+import shutil
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqicl
+from eqicl._run import checkpoint_manager, restore_checkpoint, save_checkpoint
+from eqicl.train import main
+
+
+def _tiny(*extra):
+    return eqicl.preset("tiny", list(extra))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The `tiny` preset end to end through the command line."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["--preset", "tiny", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def _arrays(state):
+    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
+
+
+def test_tiny_run_writes_the_run_directory(tiny_run):
+    config = _tiny()
+    saved = json.loads((tiny_run / "config.json").read_text())
+    assert saved["format"] == 2 and eqicl.Config.from_dict(saved["config"]) == config
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    tc = config.train
+    assert [x["step"] for x in lines] == list(
+        range(tc.steps_per_call, tc.steps + 1, tc.steps_per_call)
+    )
+    assert all(len(x["loss"]) == tc.seeds and all(np.isfinite(x["loss"])) for x in lines)
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    assert ev["status"] == "ok" and ev["sequences"] == config.eval.sequences
+    assert len(ev["selection"]["losses"]) == tc.seeds
+    assert ev["selection"]["best"] == int(np.argmin(ev["selection"]["losses"]))
+    model = ev["model"]
+    assert [r["layer"] for r in model["after_layer"]] == list(range(1, config.model.layers + 1))
+    for est in ("adjusted_exact", "adjusted_sampled", "unadjusted"):
+        assert model[est]["se"] > 0 and np.isfinite(model[est]["mean"])
+    # Both estimators estimate the same adjusted loss.
+    ex, sa = model["adjusted_exact"], model["adjusted_sampled"]
+    assert abs(ex["mean"] - sa["mean"]) < 4 * (ex["se"] + sa["se"])
+    assert {"oracle", "constrr", "adarr", "tunedrr", "ols"} <= set(ev["baselines"])
+    assert abs(ev["baselines"]["oracle"]["adjusted_exact"]["mean"]) == 0.0
+    assert len(ev["profile"]["sigma"]) == config.eval.profile_points
+    assert ev["paper"]["model"] is None  # d = 4: not a Table 1 cell
+
+
+def test_training_reduces_the_loss(tiny_run):
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert min(lines[-1]["loss"]) < min(lines[0]["loss"])
+
+
+def test_resume_equals_uninterrupted(tiny_run, tmp_path):
+    """Delete the last checkpoint and the results, rerun the same command: the resumed run
+    must end bitwise where the uninterrupted one did."""
+    config = _tiny()
+    resumed = tmp_path / "tiny"
+    shutil.copytree(tiny_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(config.train.steps))
+    (resumed / "eval.json").unlink()
+    assert main(["--preset", "tiny", "--run-dir", str(resumed), "--no-progress"]) == 0
+    a = restore_checkpoint(tiny_run, config)
+    b = restore_checkpoint(resumed, config)
+    assert int(a.step[0]) == int(b.step[0]) == config.train.steps
+    for x, y in zip(_arrays(a), _arrays(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # metrics.jsonl holds each step once, as an uninterrupted run's does.
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+    ea = json.loads((tiny_run / "eval.json").read_text())["model"]["adjusted_exact"]
+    eb = json.loads((resumed / "eval.json").read_text())["model"]["adjusted_exact"]
+    assert ea == eb
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = _tiny()
+    state = eqicl.init_ensemble(config)
+    state = eqx.tree_at(lambda s: s.step, state, state.step + 20)
+    manager = checkpoint_manager(tmp_path)
+    save_checkpoint(manager, state)
+    back = restore_checkpoint(tmp_path, config)
+    assert jax.tree.structure(eqx.filter(back, eqx.is_array)) == jax.tree.structure(
+        eqx.filter(state, eqx.is_array)
+    )
+    for x, y in zip(_arrays(state), _arrays(back), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_load_model_gives_the_selected_seed(tiny_run):
+    model, config = eqicl.load_model(tiny_run)
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    task = config.task
+    batch = eqicl.sample_batch(jax.random.key(0), task, 3, jnp.float32)
+    assert model(batch.x[0], batch.y[0], batch.xq).shape == (config.model.layers, 3)
+    assert ev["selection"]["best"] in range(config.train.seeds)
+
+
+def test_finished_run_is_not_retrained(tiny_run, capsys):
+    before = (tiny_run / "metrics.jsonl").read_text()
+    assert main(["--preset", "tiny", "--run-dir", str(tiny_run), "--no-progress"]) == 0
+    assert "is finished" in capsys.readouterr().out
+    assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_skipped_step_leaves_the_state_unchanged():
+    """A step whose loss is not finite is not applied."""
+    config = _tiny()
+    state = jax.tree.map(lambda a: a[0], eqx.filter(eqicl.init_ensemble(config), eqx.is_array))
+    state = eqx.combine(state, eqicl.init_ensemble(config))
+    bad = eqx.tree_at(
+        lambda s: s.model.layers.p, state, state.model.layers.p.at[0, 0, 0].set(jnp.inf)
+    )
+    new, (loss, skipped) = eqicl.train_step(bad, jnp.asarray(0), config)
+    assert bool(skipped) and not np.isfinite(float(loss))
+    assert int(new.step) == int(bad.step) + 1
+    for x, y in zip(_arrays(new.model), _arrays(bad.model), strict=True):
+        np.testing.assert_array_equal(x, y)
