@@ -130,7 +130,15 @@ class TrainConfig:
     `sampler="wishart"` draws the statistics directly from their exact distribution (stats
     formulation only; needs n ≥ d + 1, else tokens are sampled); `"tokens"` samples the tokens.
     `devices`: data-parallel devices sharing each step's batch (0: every local device whose
-    count divides the batch; results equal a single device's up to round-off)."""
+    count divides the batch; results equal a single device's up to round-off).
+
+    Divergence guard: a step whose loss or gradient is not finite is skipped. A seed that
+    skips `max_skipped` steps since the last checkpoint, or whose mean loss over one jitted
+    call exceeds `explode_factor` × the median of its last calls, is rolled back with the
+    rest of the ensemble to the last good checkpoint and continues with its learning rate
+    multiplied by `lr_backoff`; after `max_rollbacks` such rollbacks it is given up (left out
+    of the best-of-seeds selection). 0 disables `max_skipped` / `explode_factor`.
+    """
 
     steps: int = 3000
     batch: int = 512
@@ -151,6 +159,10 @@ class TrainConfig:
     formulation: Literal["stats", "tokens"] = "tokens"
     sampler: Literal["wishart", "tokens"] = "tokens"
     devices: int = 0
+    max_skipped: int = 10
+    explode_factor: float = 10.0
+    lr_backoff: float = 0.5
+    max_rollbacks: int = 5
 
     def __post_init__(self):
         for name in ("steps", "batch", "seeds", "steps_per_call", "checkpoint_every"):
@@ -182,6 +194,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train.loss_clip must be finite and >= 0 (0 disables it), got {self.loss_clip}"
             )
+        for name in ("max_skipped", "max_rollbacks"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.explode_factor == 0 or 1 < self.explode_factor < math.inf):
+            raise ConfigError(
+                "train.explode_factor must be > 1 and finite (0 disables it), "
+                f"got {self.explode_factor}"
+            )
+        if not (0 < self.lr_backoff < 1):
+            raise ConfigError(f"train.lr_backoff must be in (0, 1), got {self.lr_backoff}")
         for name in ("b1", "b2"):
             if not (0 <= getattr(self, name) < 1):
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -246,6 +268,8 @@ class Config:
             if f.name == "seed":
                 continue
             sub = data.get(f.name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config section {f.name} must be a JSON object, got {sub!r}")
             sub_cls = f.type
             known = {g.name for g in dataclasses.fields(sub_cls)}
             unknown = set(sub) - known

@@ -1,30 +1,71 @@
 """The run directory: config.json, metrics.jsonl, checkpoints/ (orbax), eval.json.
 
 A run directory is the contract between training and everything that reads its results
-(STYLE §7). Training resumes by default from the newest complete checkpoint.
+(STYLE §7). Training resumes by default from the newest intact checkpoint, and a run that
+is killed at any moment and restarted ends bitwise where an uninterrupted one would:
+
+- every checkpoint carries a checksum of its arrays; a partially written (orbax temporary
+  directory) or damaged one is skipped with a warning and moved to `corrupt/`;
+- metrics.jsonl is cut back to the line the restored checkpoint was saved after;
+- the divergence guard's state is checkpointed, and its rollbacks depend only on the
+  trajectory, never on when the run was interrupted;
+- SIGINT / SIGTERM save a checkpoint before exiting; `train.lock` (an flock, released by the
+  kernel when its holder dies) keeps a second trainer out.
 """
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ._config import Config, ConfigError
-from ._evaluate import _member, evaluate, select_losses
+from . import _faults
+from ._config import Config, ConfigError, TrainConfig
+from ._evaluate import _member, cast, eval_dtype, select_losses
+from ._evaluate import evaluate as evaluate_model
 from ._train import TrainState, append_jsonl, init_ensemble, train_loop
 
-FORMAT = 1
+# 2: checkpoints hold the state and a checksummed metadata item, and the divergence guard's
+# fields; format-1 checkpoints cannot be restored into this state.
+FORMAT = 2
 __version__ = "0.1.0"
+LOCK = "train.lock"
+CORRUPT = "corrupt"
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked. The message is one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT / SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signum, step)
+        self.signum = signum
+        self.step = step
+
+
+class _Corrupt(Exception):
+    """A checkpoint that cannot be trusted (the reason is the message)."""
+
+
+class _Diverged(Exception):
+    """Every seed has been given up by the divergence guard."""
 
 
 def _ocp():
@@ -34,6 +75,10 @@ def _ocp():
     import orbax.checkpoint as ocp
 
     return ocp
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def write_json_atomic(path: pathlib.Path, data) -> None:
@@ -49,17 +94,24 @@ def write_json_atomic(path: pathlib.Path, data) -> None:
 
 def read_run_config(run_dir: str | os.PathLike) -> Config:
     """The config of an existing run directory (raises RunDirError if it is not one)."""
-    path = pathlib.Path(run_dir) / "config.json"
+    path = pathlib.Path(run_dir)
+    if not path.is_dir():
+        what = "a file" if path.exists() else "no such directory"
+        raise RunDirError(f"{run_dir} is not an eqicl run directory ({what})")
+    path = path / "config.json"
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not an eqicl run directory (no config.json)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "config" not in data:
+        found = data.get("format") if isinstance(data, dict) else "?"
         raise RunDirError(
-            f"{path} was written by an unknown eqicl version (format {data.get('format') if isinstance(data, dict) else '?'}, expected {FORMAT})"
+            f"{path} was written by another eqicl version (format {found}, expected {FORMAT})"
         )
+    if not isinstance(data["config"], dict):
+        raise RunDirError(f"{path}: 'config' is not a JSON object")
     try:
         return Config.from_dict(data["config"])
     except ConfigError as e:
@@ -77,9 +129,9 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
-    """Create the run directory and write config.json before step 0, or check that an
-    existing one holds the same config (then the run resumes)."""
+def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
+    """Check, without writing anything, that `run_dir` can hold a run of `config`: it is
+    new, empty, or a run of the same config whose checkpoints have the config's shapes."""
     path = pathlib.Path(run_dir)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} exists and is not a directory")
@@ -92,16 +144,59 @@ def prepare_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
                 f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                 "choose another --run-dir or delete that directory"
             )
-        return path
-    if path.exists() and any(path.iterdir()):
+        _check_checkpoint_shapes(path, config)
+    elif path.exists() and any(p.name != LOCK for p in path.iterdir()):
         raise RunDirError(
             f"{path} is not empty and is not an eqicl run directory; refusing to write there"
         )
-    path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        path / "config.json", {"format": FORMAT, "eqicl": __version__, "config": config.to_dict()}
-    )
     return path
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
+    """Create the run directory and write config.json before step 0, or check that an
+    existing one holds the same config (then the run resumes)."""
+    path = check_run_dir(run_dir, config)
+    if not (path / "config.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            path / "config.json",
+            {"format": FORMAT, "eqicl": __version__, "config": config.to_dict()},
+        )
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(path: pathlib.Path, echo: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold `path/train.lock` (an exclusive flock) for the duration, or raise RunDirError.
+
+    The kernel drops an flock when its holder dies, SIGKILL included, so a lock left by a
+    dead trainer is simply taken over; the pid in the file names the holder for messages."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(
+            f"{path} is in use by another trainer (pid {holder}); wait for it to finish or stop it"
+        ) from None
+    try:
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            echo(
+                f"taking over {path / LOCK} from trainer pid {previous}, which is no longer running"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
 
 
 def skeleton(config: Config) -> TrainState:
@@ -109,35 +204,71 @@ def skeleton(config: Config) -> TrainState:
     return eqx.filter_eval_shape(init_ensemble, config)
 
 
+def _is_shape(x) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _scheduled(step: int, train: TrainConfig) -> bool:
+    """Checkpoints every uninterrupted run writes (the only rollback targets, so that a
+    checkpoint saved on SIGTERM never changes where a later rollback goes)."""
+    return step % train.checkpoint_every == 0 or step == train.steps
+
+
 def checkpoint_manager(run_dir: pathlib.Path, read_only: bool = False):
+    """Orbax manager of `run_dir/checkpoints`. Retention is `_prune`'s job (orbax's
+    max_to_keep would also count checkpoints saved on SIGTERM)."""
     ocp = _ocp()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=not read_only, enable_async_checkpointing=False, read_only=read_only
+        max_to_keep=None,
+        create=not read_only,
+        enable_async_checkpointing=False,
+        read_only=read_only,
     )
-    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+    return ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(), options=options, item_names=("state", "meta")
+    )
+
+
+def _arrays(tree) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+
+
+def _signature(arrays) -> list[str]:
+    return [f"{np.dtype(a.dtype).name}{list(a.shape)}" for a in arrays]
+
+
+def _digest(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _finite(state: TrainState) -> bool:
+    """Model and optimizer state finite (`recent` uses NaN for "no loss yet")."""
+    arrays = _arrays((state.model, state.opt_state, state.lr_scale))
+    return all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.inexact))
 
 
 def save_checkpoint(manager, state: TrainState) -> None:
+    """Save `state` with a metadata item holding its step, array shapes and checksum.
+    Refuses (ValueError) a state with a non-finite value: no checkpoint ever holds one."""
     ocp = _ocp()
-    leaves = jax.tree.leaves(eqx.filter(state, eqx.is_array))
+    arrays = _arrays(state)
+    if not _finite(state):
+        raise ValueError("refusing to checkpoint a training state with non-finite values")
     step = int(state.step[0])
-    manager.save(step, args=ocp.args.StandardSave(_as_dict(leaves)), force=True)
+    meta = {"step": step, "arrays": _signature(arrays), "sha256": _digest(arrays)}
+    _faults.before_save(step)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+    )
     manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, config: Config, step: int | None = None) -> TrainState | None:
-    """The newest (or the given) checkpoint, restored into the config's state structure."""
-    ocp = _ocp()
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
-    shapes = skeleton(config)
-    dynamic, static = eqx.partition(shapes, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    abstract = jax.tree.leaves(dynamic)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(_as_dict(abstract)))
-    leaves = [restored[k] for k in sorted(restored)]
-    treedef = jax.tree.structure(dynamic)
-    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
 
 def _as_dict(leaves: list) -> dict:
@@ -146,35 +277,473 @@ def _as_dict(leaves: list) -> dict:
     return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
 
 
+def _read_meta(manager, step: int) -> dict:
+    ocp = _ocp()
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise _Corrupt(f"its metadata cannot be read: {type(e).__name__}") from None
+    if not isinstance(meta, dict) or not {"step", "arrays", "sha256"} <= set(meta):
+        raise _Corrupt("its metadata is incomplete")
+    return meta
+
+
+def _check_shapes(meta: dict, want: list[str], where: str) -> None:
+    if meta["arrays"] != want:
+        i = next(
+            (i for i, (a, b) in enumerate(zip(meta["arrays"], want, strict=False)) if a != b),
+            min(len(meta["arrays"]), len(want)),
+        )
+        got_i = meta["arrays"][i] if i < len(meta["arrays"]) else "nothing"
+        want_i = want[i] if i < len(want) else "nothing"
+        raise RunDirError(
+            f"{where} holds a training state of another shape than config.json asks for "
+            f"(array {i}: {got_i} saved, {want_i} expected); it belongs to a different model"
+        )
+
+
+def _restore_step(manager, step: int, config: Config, where: str) -> TrainState:
+    ocp = _ocp()
+    meta = _read_meta(manager, step)
+    dynamic, static = eqx.partition(skeleton(config), _is_shape)
+    abstract = jax.tree.leaves(dynamic)
+    _check_shapes(meta, _signature(abstract), where)
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_dict(abstract)))
+        )["state"]
+        restored = [restored[k] for k in sorted(restored)]
+    except Exception as e:
+        raise _Corrupt(f"its arrays cannot be read: {type(e).__name__}") from None
+    arrays = [np.asarray(a) for a in restored]
+    if _digest(arrays) != meta["sha256"] or meta["step"] != step:
+        raise _Corrupt("its arrays do not match their checksum")
+    state = eqx.combine(jax.tree.unflatten(jax.tree.structure(dynamic), restored), static)
+    if not _finite(state):
+        raise _Corrupt("it holds non-finite values")
+    if int(state.step[0]) != step:
+        raise _Corrupt(f"it holds step {int(state.step[0])}")
+    return state
+
+
+def _checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+    """Committed checkpoint steps, newest first (orbax names them by their step)."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+
+
+def _check_checkpoint_shapes(run_dir: pathlib.Path, config: Config) -> None:
+    """RunDirError if a readable checkpoint holds another model shape (read-only)."""
+    steps = _checkpoint_steps(run_dir)
+    if not steps:
+        return
+    want = _signature(jax.tree.leaves(eqx.filter(skeleton(config), _is_shape)))
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        for step in steps:
+            with contextlib.suppress(_Corrupt):
+                _check_shapes(_read_meta(manager, step), want, f"checkpoint {step} of {run_dir}")
+    finally:
+        manager.close()
+
+
+def _quarantine(run_dir: pathlib.Path, name: str) -> pathlib.Path:
+    """Move checkpoints/<name> to corrupt/ (kept for inspection, out of orbax's way)."""
+    dest_dir = run_dir / CORRUPT
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / name
+    i = 1
+    while dest.exists():
+        dest, i = dest_dir / f"{name}.{i}", i + 1
+    os.replace(run_dir / "checkpoints" / name, dest)
+    return dest
+
+
+def remove_partial_checkpoints(run_dir: pathlib.Path, warn: Callable[[str], None]) -> None:
+    """Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when
+    complete; such a directory is what a trainer killed while saving leaves behind."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        return
+    for p in sorted(directory.iterdir()):
+        if _TMP_MARK in p.name:
+            warn(
+                f"{p} is a checkpoint whose writer was killed before finishing it; "
+                f"moved to {CORRUPT}/"
+            )
+            _quarantine(run_dir, p.name)
+
+
+def restore_checkpoint(
+    run_dir: pathlib.Path,
+    config: Config,
+    *,
+    at_most: int | None = None,
+    scheduled_only: bool = False,
+    quarantine: bool = False,
+    warn: Callable[[str], None] = _stderr_warning,
+) -> TrainState | None:
+    """The newest intact checkpoint (at step <= `at_most`, scheduled ones only if asked),
+    restored into the config's state structure; None if there is none. A damaged one is
+    skipped with a warning (and moved to corrupt/ if `quarantine`). A checkpoint of another
+    model shape raises RunDirError."""
+    steps = [
+        s
+        for s in _checkpoint_steps(run_dir)
+        if (at_most is None or s <= at_most) and (not scheduled_only or _scheduled(s, config.train))
+    ]
+    if not steps:
+        return None
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        for step in steps:
+            where = f"checkpoint {step} of {run_dir}"
+            try:
+                return _restore_step(manager, step, config, where)
+            except _Corrupt as e:
+                action = f"moved to {CORRUPT}/" if quarantine else "skipped"
+                warn(f"{where} is damaged ({e}); {action}")
+                if quarantine:
+                    _quarantine(run_dir, str(step))
+    finally:
+        manager.close()
+    return None
+
+
+def _prune(manager, train: TrainConfig) -> None:
+    """Keep the two newest scheduled checkpoints (the older one in case the newer is
+    damaged) and any newer one saved on SIGTERM."""
+    steps = sorted(manager.all_steps())
+    scheduled = [s for s in steps if _scheduled(s, train)]
+    newest = scheduled[-1] if scheduled else -1
+    keep = set(scheduled[-2:]) | {s for s in steps if s > newest}
+    for s in steps:
+        if s not in keep:
+            manager.delete(s)
+
+
 def load_model(run_dir: str | os.PathLike, member: int | None = None):
     """The trained model of a run: the selected best member (from eval.json) unless `member`
-    is given. Returns (model, config)."""
+    is given. Returns (model, config). Writes nothing."""
     path = pathlib.Path(run_dir)
     config = read_run_config(path)
     if member is None:
+        member = 0
         ev = path / "eval.json"
-        member = json.loads(ev.read_text())["selection"]["best"] if ev.is_file() else 0
-    manager = checkpoint_manager(path, read_only=True)
-    state = restore_checkpoint(manager, config)
+        if ev.is_file():
+            try:
+                member = json.loads(ev.read_text())["selection"]["best"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise RunDirError(f"{ev} is damaged (no selection.best); pass member=") from None
+    if not (isinstance(member, int) and 0 <= member < config.train.seeds):
+        raise RunDirError(f"member must be an integer in [0, {config.train.seeds}), got {member!r}")
+    state = restore_checkpoint(path, config)
     if state is None:
-        raise RunDirError(f"{path} has no checkpoint yet")
+        raise RunDirError(f"{path} has no intact checkpoint")
     return _member(state.model, member), config
 
 
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint a run resumes from."""
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def _read_lines(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """(line, record) pairs up to the first torn or foreign line (a crash mid-write)."""
+    out = []
     if not path.exists():
-        return
-    kept = []
+        return out
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a torn last line from a crash
+            record = json.loads(line)
+            int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            break
+        out.append((line, record))
+    return out
+
+
+def _write_lines(path: pathlib.Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
+
+
+def _truncate_metrics_for_resume(path: pathlib.Path, step: int) -> None:
+    """Cut metrics.jsonl back to where it was when checkpoint `step` was saved: right after
+    the (last) call line of that step. Rollback events logged after the save are dropped:
+    the restored state predates them and the resumed run logs them again."""
+    records = _read_lines(path)
+    calls = [i for i, (_, r) in enumerate(records) if r["step"] == step and "event" not in r]
+    end = calls[-1] + 1 if calls else sum(1 for _, r in records if r["step"] <= step)
+    _write_lines(path, [line for line, _ in records[:end]])
+
+
+def _truncate_metrics_for_rollback(path: pathlib.Path, step: int) -> None:
+    """Drop the lines of the abandoned steps (every line's step is >= the one before)."""
+    _write_lines(path, [line for line, r in _read_lines(path) if r["step"] <= step])
+
+
+def _train_seconds(metrics_path: pathlib.Path) -> float:
+    return float(sum(r.get("seconds", 0.0) for _, r in _read_lines(metrics_path)))
+
+
+# --------------------------------------------------------------------------------------------
+# The divergence guard
+
+
+def _set(state: TrainState, **fields: np.ndarray) -> TrainState:
+    """Replace guard fields with host values, keeping each field's dtype (so the jitted
+    chunk is not retraced)."""
+    for name, value in fields.items():
+        old = getattr(state, name)
+        state = eqx.tree_at(lambda s, n=name: getattr(s, n), state, jnp.asarray(value, old.dtype))
+    return state
+
+
+def _guard_reasons(state: TrainState, metrics: dict, train: TrainConfig) -> dict[int, str]:
+    """Members (not given up) whose last call calls for a rollback, with the reason."""
+    skipped = np.asarray(state.skipped)
+    rollbacks = np.asarray(state.rollbacks)
+    recent = np.asarray(state.recent, np.float64)
+    reasons = {}
+    for m, loss in enumerate(metrics["loss"]):
+        if rollbacks[m] > train.max_rollbacks:
+            continue
+        if train.max_skipped and skipped[m] >= train.max_skipped:
+            reasons[m] = f"{skipped[m]} non-finite steps skipped since the last checkpoint"
+            continue
+        history = recent[m][np.isfinite(recent[m])]
+        if train.explode_factor and math.isfinite(loss) and history.size >= 4:
+            median = float(np.median(history))
+            if loss > train.explode_factor * median:
+                reasons[m] = (
+                    f"loss {loss:.4g} is {loss / median:.3g} x its running median {median:.4g}"
+                )
+    return reasons
+
+
+def _push_losses(state: TrainState, losses: list[float]) -> TrainState:
+    recent = np.asarray(state.recent)
+    recent = np.concatenate([recent[:, 1:], np.asarray(losses, recent.dtype)[:, None]], axis=1)
+    return _set(state, recent=recent)
+
+
+def _rollback(
+    config: Config,
+    path: pathlib.Path,
+    manager,
+    state: TrainState,
+    reasons: dict[int, str],
+    metrics_loss: list[float],
+    say: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> tuple[TrainState, bool]:
+    """Roll the ensemble back to the newest intact scheduled checkpoint (or step 0) and
+    lower the learning rate of the members in `reasons`; give up on members that exceeded
+    `train.max_rollbacks` (raises _Diverged when none is left). `metrics_loss`, the
+    abandoned call's mean losses, goes into the rollback event. Returns the state to go on
+    from and whether it is a rolled-back one."""
+    tc = config.train
+    step = int(state.step[0])
+    lr_scale = np.asarray(state.lr_scale).copy()
+    rollbacks = np.asarray(state.rollbacks).copy()
+    back = []
+    for m, reason in sorted(reasons.items()):
+        if rollbacks[m] >= tc.max_rollbacks:
+            rollbacks[m] = tc.max_rollbacks + 1
+            say(f"step {step}: seed {m}: {reason}; given up after {tc.max_rollbacks} rollbacks")
+        else:
+            rollbacks[m] += 1
+            lr_scale[m] *= tc.lr_backoff
+            back.append(m)
+    if np.all(rollbacks > tc.max_rollbacks):
+        raise _Diverged(
+            f"every seed diverged (non-finite or exploding loss after {tc.max_rollbacks} rollbacks)"
+        )
+    if not back:
+        return _set(state, rollbacks=rollbacks), False
+    restored = restore_checkpoint(
+        path, config, at_most=step, scheduled_only=True, quarantine=True, warn=warn
+    )
+    restored = init_ensemble(config) if restored is None else restored
+    target = int(restored.step[0])
+    # Checkpoints past the target (one saved on SIGTERM) belong to the abandoned trajectory.
+    manager.reload()
+    for s in manager.all_steps():
+        if s > target:
+            manager.delete(s)
+    restored = _set(restored, lr_scale=lr_scale, rollbacks=rollbacks)
+    metrics_path = path / "metrics.jsonl"
+    _truncate_metrics_for_rollback(metrics_path, target)
+    append_jsonl(
+        metrics_path,
+        {
+            "event": "rollback",
+            "step": target,
+            "from_step": step,
+            "members": back,
+            "reasons": [reasons[m] for m in back],
+            "loss": metrics_loss,
+            "lr_scale": [float(v) for v in lr_scale],
+            "rollbacks": [int(v) for v in rollbacks],
+        },
+    )
+    for m in back:
+        say(
+            f"step {step}: seed {m}: {reasons[m]}; rolling back to step {target} with the "
+            f"learning rate x {lr_scale[m]:.4g} "
+            f"(rollback {rollbacks[m]} of at most {tc.max_rollbacks})"
+        )
+    return restored, True
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@contextlib.contextmanager
+def _stop_signals(say: Callable[[str], None]) -> Iterator[list[int]]:
+    """SIGINT / SIGTERM set a flag the training loop checks after each jitted call (it then
+    saves a checkpoint and stops); a second signal interrupts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        say(
+            f"{signal.Signals(signum).name} received: saving a checkpoint after the current "
+            "call, then stopping (send it again to stop at once)"
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _train(
+    config: Config,
+    path: pathlib.Path,
+    state: TrainState,
+    progress: bool,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> TrainState:
+    tc = config.train
+    metrics_path = path / "metrics.jsonl"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=tc.steps,
+            initial=int(state.step[0]),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def say(message: str) -> None:
+        (bar.write if bar is not None else echo)(message)
+
+    manager = checkpoint_manager(path)
+    try:
+        with _stop_signals(say) as received:
+
+            def on_chunk(state: TrainState, metrics: dict) -> TrainState:
+                step = metrics["step"]
+                metrics["lr_scale"] = [float(v) for v in np.asarray(state.lr_scale)]
+                append_jsonl(metrics_path, metrics)
+                _faults.after_call(step)
+                reasons = _guard_reasons(state, metrics, tc)
+                if reasons:
+                    state, rolled_back = _rollback(
+                        config, path, manager, state, reasons, metrics["loss"], say, warn
+                    )
+                    if rolled_back:
+                        if received:  # nothing to save: a resumed run re-derives the rollback
+                            raise Interrupted(received[0], int(state.step[0]))
+                        if bar is not None:
+                            bar.reset(total=tc.steps)
+                            bar.update(int(state.step[0]))
+                        return state
+                state = _push_losses(state, metrics["loss"])
+                if _scheduled(step, tc):
+                    state = _set(state, skipped=np.zeros_like(np.asarray(state.skipped)))
+                if _scheduled(step, tc) or received:
+                    save_checkpoint(manager, state)
+                    _prune(manager, tc)
+                if received:
+                    raise Interrupted(received[0], step)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{min(metrics['loss']):.4g}", refresh=False)
+                return state
+
+            return train_loop(config, state, on_chunk)
+    finally:
+        manager.close()
+        if bar is not None:
+            bar.close()
+
+
+def _failed(reason: str, **extra) -> dict:
+    return {"status": "failed", "reason": reason, **extra}
+
+
+def finish(
+    config: Config,
+    path: pathlib.Path,
+    state: TrainState,
+    echo: Callable[[str], None] = print,
+    baselines: bool = True,
+) -> dict:
+    """Select the best seed on held-out sequences, evaluate it (with the baselines unless
+    `baselines=False`), write eval.json. A model with non-finite predictions is reported as
+    failed, never scored."""
+    tc = config.train
+    eval_path = path / "eval.json"
+    # select_losses samples in the evaluation dtype; the model must match it (strict promotion).
+    losses = np.asarray(select_losses(cast(state.model, eval_dtype()), config), np.float64)
+    gave_up = np.asarray(state.rollbacks) > tc.max_rollbacks
+    usable = np.isfinite(losses) & ~gave_up
+    selection = {
+        "losses": [float(v) for v in losses],
+        "best": int(np.argmin(np.where(usable, losses, np.inf))),
+        "lr_scale": [float(v) for v in np.asarray(state.lr_scale)],
+        "rollbacks": [int(v) for v in np.asarray(state.rollbacks)],
+        "given_up": [int(m) for m in np.flatnonzero(gave_up)],
+    }
+    extra = {
+        "selection": selection,
+        "train_seconds": _train_seconds(path / "metrics.jsonl"),
+        "steps": tc.steps,
+    }
+    if not usable.any():
+        reason = "every seed's model gives non-finite predictions or was given up"
+        result = _failed(reason, **extra)
+        write_json_atomic(eval_path, result)
+        return result
+    best = selection["best"]
+    echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
+    t0 = time.perf_counter()
+    result = evaluate_model(_member(state.model, best), config, baselines=baselines)
+    if not result["model"]["finite"]:
+        result = _failed(
+            f"seed {best}'s model gives non-finite predictions on the test sequences", **extra
+        )
+    else:
+        result.update(status="ok", eval_seconds=time.perf_counter() - t0, **extra)
+    write_json_atomic(eval_path, result)
+    return result
 
 
 def run(
@@ -182,89 +751,51 @@ def run(
     run_dir: str | os.PathLike,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] = _stderr_warning,
+    evaluate: bool = True,
     baselines: bool = True,
 ) -> dict:
     """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json
-    (with the baselines on the same sequences unless `baselines=False`)."""
-    path = prepare_run_dir(run_dir, config)
-    manager = checkpoint_manager(path)
-    metrics_path = path / "metrics.jsonl"
-    state = restore_checkpoint(manager, config)
-    if state is None:
-        state = init_ensemble(config)
-        start = 0
-        if metrics_path.exists():
-            metrics_path.unlink()
-    else:
-        start = int(state.step[0])
-        _truncate_metrics(metrics_path, start)
-        echo(f"resuming {path} from step {start}")
-    tc = config.train
-    eval_path = path / "eval.json"
-    if start >= tc.steps and eval_path.is_file():
-        echo(f"{path} is finished; results in {eval_path}")
-        return json.loads(eval_path.read_text())
+    (with the baselines on the same sequences unless `baselines=False`; with
+    `evaluate=False`, stop after training: {"status": "trained", "steps": ...}).
 
-    if start < tc.steps:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-        def on_chunk(state, metrics):
-            append_jsonl(metrics_path, metrics)
-            step = metrics["step"]
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                save_checkpoint(manager, state)
-            if bar is not None:
-                bar.update(step - bar.n)
-                bar.set_postfix(loss=f"{min(metrics['loss']):.4g}", refresh=False)
-
-        try:
-            state = train_loop(config, state, on_chunk)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    losses = np.asarray(select_losses(state.model, config), np.float64)
-    finite = np.isfinite(losses)
-    seconds = _train_seconds(metrics_path)
-    selection = {
-        "losses": [float(v) for v in losses],
-        "best": int(np.argmin(np.where(finite, losses, np.inf))),
-    }
-    if not finite.any():
-        result = {
-            "status": "failed",
-            "reason": "every seed's model gives non-finite predictions",
-            "selection": selection,
-            "train_seconds": seconds,
-        }
-        write_json_atomic(eval_path, result)
-        return result
-    echo(
-        f"evaluating seed {selection['best']} of {len(losses)} on {config.eval.sequences:,} sequences"
-    )
-    t0 = time.perf_counter()
-    result = evaluate(_member(state.model, selection["best"]), config, baselines=baselines)
-    result.update(
-        status="ok" if result["model"]["finite"] else "failed",
-        selection=selection,
-        train_seconds=seconds,
-        eval_seconds=time.perf_counter() - t0,
-        steps=tc.steps,
-    )
-    write_json_atomic(eval_path, result)
-    return result
-
-
-def _train_seconds(metrics_path: pathlib.Path) -> float:
-    if not metrics_path.exists():
-        return 0.0
-    return float(
-        sum(json.loads(line)["seconds"] for line in metrics_path.read_text().splitlines() if line)
-    )
+    Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
+    model shape, a run directory in use) raises RunDirError before anything is written.
+    SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
+    path = check_run_dir(run_dir, config)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create {path}: {e.strerror}") from None
+    with run_lock(path, echo):
+        prepare_run_dir(path, config)  # again under the lock: another trainer may have won
+        remove_partial_checkpoints(path, warn)
+        metrics_path = path / "metrics.jsonl"
+        state = restore_checkpoint(path, config, quarantine=True, warn=warn)
+        if state is None:
+            state = init_ensemble(config)
+            start = 0
+            metrics_path.unlink(missing_ok=True)
+        else:
+            start = int(state.step[0])
+            _truncate_metrics_for_resume(metrics_path, start)
+            echo(f"resuming {path} from step {start}")
+        eval_path = path / "eval.json"
+        if start >= config.train.steps and eval_path.is_file():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                result = json.loads(eval_path.read_text())
+                echo(f"{path} is finished; results in {eval_path}")
+                return result
+        if start < config.train.steps:
+            try:
+                state = _train(config, path, state, progress, echo, warn)
+            except _Diverged as e:
+                result = _failed(str(e), steps=config.train.steps)
+                write_json_atomic(eval_path, result)
+                return result
+        if not evaluate:
+            return {"status": "trained", "steps": int(state.step[0])}
+        return finish(config, path, state, echo, baselines)
 
 
 def summary_table(config: Config, result: dict) -> str:
@@ -275,7 +806,8 @@ def summary_table(config: Config, result: dict) -> str:
     m = config.model
     name = f"{m.kind.upper() if m.kind != 'gdpp' else 'GD++'} L={m.layers}"
     lines = [
-        f"adjusted loss, task {config.task.noise} σ {config.task.label}, d={config.task.d} n={config.task.n}, "
+        f"adjusted loss, task {config.task.noise} σ {config.task.label}, "
+        f"d={config.task.d} n={config.task.n}, "
         f"{result['sequences']:,} test sequences",
         f"{'method':<14}{'exact':>18}{'sampled':>18}{'paper':>9}",
     ]
@@ -283,7 +815,10 @@ def summary_table(config: Config, result: dict) -> str:
     def row(label, r, ref):
         ex, sa = r["adjusted_exact"], r["adjusted_sampled"]
         ref_s = f"{ref:.3g}" if ref is not None else "-"
-        return f"{label:<14}{ex['mean']:>10.4g} ± {ex['se']:<5.1g}{sa['mean']:>10.4g} ± {sa['se']:<5.1g}{ref_s:>9}"
+        return (
+            f"{label:<14}{ex['mean']:>10.4g} ± {ex['se']:<5.1g}"
+            f"{sa['mean']:>10.4g} ± {sa['se']:<5.1g}{ref_s:>9}"
+        )
 
     lines.append(row(name, result["model"], paper.get("model")))
     for b in ("constrr", "adarr", "tunedrr", "ols", f"gd{m.layers}"):

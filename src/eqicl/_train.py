@@ -15,19 +15,34 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from . import _faults
 from ._config import Config, TrainConfig
 from ._fast import Stats, per_sequence_loss, sample_stats
 from ._model import LinearTransformer, init_transformer
 from ._parallel import data_mesh
 from ._task import Batch, batch_oracle_weights, prng_key, sample_batch
 
+LOSS_WINDOW = 16  # jitted calls whose mean loss the explosion check takes the median of
+
 
 class TrainState(eqx.Module):
-    """Everything a resumed run needs: the model, the optimizer state and the step count."""
+    """Everything a resumed run needs: the model, the optimizer state, the step count and the
+    divergence guard's bookkeeping. The guard's fields live here, so they are checkpointed
+    with the model and a resumed run takes exactly the same rollbacks as an uninterrupted one.
+
+    `lr_scale` multiplies every update (for Adam that is exactly a smaller learning rate) and
+    is lowered at each rollback; `rollbacks` counts them (above `train.max_rollbacks`: given
+    up); `skipped` counts non-finite steps since the last scheduled checkpoint or rollback;
+    `recent` holds the mean loss of the last `LOSS_WINDOW` jitted calls (NaN: none yet).
+    """
 
     model: LinearTransformer
     opt_state: optax.OptState
     step: Int[Array, ""]
+    lr_scale: Float[Array, ""]
+    rollbacks: Int[Array, ""]
+    skipped: Int[Array, ""]
+    recent: Float[Array, " window"]
 
 
 def train_dtype(train: TrainConfig):
@@ -100,7 +115,16 @@ def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
     model_key, _ = member_keys(config.seed, member)
     model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
     opt_state = make_optimizer(config.train).init(eqx.filter(model, eqx.is_inexact_array))
-    return TrainState(model=model, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+    dtype = train_dtype(config.train)
+    return TrainState(
+        model=model,
+        opt_state=opt_state,
+        step=jnp.zeros((), jnp.int32),
+        lr_scale=jnp.ones((), dtype),
+        rollbacks=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        recent=jnp.full((LOSS_WINDOW,), jnp.nan, dtype),
+    )
 
 
 def init_ensemble(config: Config) -> TrainState:
@@ -118,17 +142,21 @@ def _all_finite(tree) -> Bool[Array, ""]:
 def train_step(
     state: TrainState, member: Int[Array, ""], config: Config
 ) -> tuple[TrainState, tuple[Float[Array, ""], Bool[Array, ""]]]:
-    """One optimizer step on a fresh batch. A step whose loss or gradient is not finite is
-    not applied (and reported as skipped)."""
+    """One optimizer step on a fresh batch, its update scaled by `state.lr_scale`. A step whose
+    loss or gradient is not finite is not applied (reported as skipped and counted in
+    `state.skipped`)."""
     optimizer = make_optimizer(config.train)
     _, data_key = member_keys(config.seed, member)
     batch = sample_train_data(jr.fold_in(data_key, state.step), config)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
+    loss, grads = _faults.corrupt_gradient(loss, grads, state.step, member, state.rollbacks)
     params = eqx.filter(state.model, eqx.is_inexact_array)
     # optax mixes Python floats with its int32 step count (bias correction, schedules), which
     # strict dtype promotion (on in the tests) rejects; the standard rules are exact here.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    # Scaling Adam's output is scaling its learning rate, and leaves its moments untouched.
+    updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     model = eqx.apply_updates(state.model, updates)
     ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(model)
     model, opt_state = jax.tree.map(
@@ -136,7 +164,16 @@ def train_step(
         (model, opt_state),
         (state.model, state.opt_state),
     )
-    return TrainState(model=model, opt_state=opt_state, step=state.step + 1), (loss, ~ok)
+    new = TrainState(
+        model=model,
+        opt_state=opt_state,
+        step=state.step + 1,
+        lr_scale=state.lr_scale,
+        rollbacks=state.rollbacks,
+        skipped=state.skipped + (~ok).astype(state.skipped.dtype),
+        recent=state.recent,
+    )
+    return new, (loss, ~ok)
 
 
 def make_train_chunk(config: Config, num_steps: int):
@@ -158,10 +195,11 @@ def make_train_chunk(config: Config, num_steps: int):
 def train_loop(
     config: Config,
     state: TrainState,
-    on_chunk: Callable[[TrainState, dict], None] | None = None,
+    on_chunk: Callable[[TrainState, dict], TrainState | None] | None = None,
 ) -> TrainState:
     """Advance a stacked ensemble state to `train.steps`, `train.steps_per_call` steps per call.
-    `on_chunk(state, metrics)` runs after every call (logging, checkpoints).
+    `on_chunk(state, metrics)` runs after every call (logging, checkpoints, the divergence
+    guard); if it returns a state, training continues from that one (e.g. a rollback).
 
     On several devices (`train.devices`) the state is replicated over a "data" mesh and
     every step's batch is sharded over it; the result equals one device's up to round-off."""
@@ -193,7 +231,10 @@ def train_loop(
             "seconds": time.perf_counter() - t0,
         }
         if on_chunk is not None:
-            on_chunk(state, metrics)
+            replaced = on_chunk(state, metrics)
+            if replaced is not None:
+                state = replaced
+                step = int(state.step[0])
     return state
 
 

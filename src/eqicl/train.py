@@ -1,4 +1,4 @@
-"""Command line: `python -m eqicl.train --preset NAME --run-dir DIR [--set section.field=value ...]`.
+"""Command line: `python -m eqicl.train --preset NAME --run-dir DIR [--set section.field=value]`.
 
 Trains (resuming from the newest checkpoint if the run directory already holds this config),
 selects the best seed on held-out sequences, evaluates it on fresh sequences with the
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override a config field, e.g. --set model.layers=5 --set task.sigma_max=5 (repeatable)",
+        help="override a config field, e.g. --set model.layers=5 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -37,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_jax()
     from ._config import ConfigError, preset
+    from ._faults import faults
     from ._parallel import initialize_distributed
 
     initialize_distributed()  # multi-host: only when a multi-process launch is detected
-    from ._run import RunDirError, run, summary_table
+    from ._run import Interrupted, RunDirError, run, summary_table
 
     try:
         config = preset(args.preset, args.overrides)
+        faults()  # a malformed EQICL_FAULT is bad input too
         if args.print_config:
             print(config.to_json())
             return 0
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(
+            f"stopped at step {e.step} after saving a checkpoint; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(
             "interrupted; rerun the same command to resume from the last checkpoint",
