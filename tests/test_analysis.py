@@ -194,8 +194,9 @@ def test_noise_adaptation_is_the_diag_formula():
 # Run directories -------------------------------------------------------------------------
 
 
-def _fake_run(path, fmt=1, eval_json=None):
+def _fake_run(path, fmt=None, eval_json=None):
     path.mkdir(parents=True, exist_ok=True)
+    fmt = eqicl._run.FORMAT if fmt is None else fmt
     cfg = {"format": fmt, "eqicl": "0.1.0", "config": eqicl.preset("tiny").to_dict()}
     (path / "config.json").write_text(json.dumps(cfg))
     if eval_json is not None:
@@ -208,7 +209,7 @@ def _fake_run(path, fmt=1, eval_json=None):
     [
         (lambda p: p / "missing", "does not exist"),
         (lambda p: p, "no config.json"),
-        (lambda p: _fake_run(p / "old", fmt=99), "unknown eqicl version"),
+        (lambda p: _fake_run(p / "old", fmt=99), "another eqicl version"),
         (lambda p: _fake_run(p / "unfinished"), "unfinished"),
         (lambda p: _fake_run(p / "bad", eval_json={"status": "ok"}), "not a valid eval.json"),
         (
@@ -220,7 +221,7 @@ def _fake_run(path, fmt=1, eval_json=None):
         ),
         (
             lambda p: _fake_run(p / "nockpt", eval_json={"status": "ok", "selection": {"best": 0}}),
-            "no checkpoint",
+            "no intact checkpoint",
         ),
     ],
 )
