@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from eqicl._paper import paper_table  # noqa: E402
-from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, Cell, read_table  # noqa: E402
+from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, Cell, column_tag, read_table  # noqa: E402
 
 COLORS = {"gdpp": "tab:green", "diag": "tab:blue", "full": "tab:red"}
 BASE_STYLE = {
@@ -33,8 +33,7 @@ def _cell(paper_dir: pathlib.Path, cell: Cell) -> dict | None:
 
 
 def _baseline(paper_dir: pathlib.Path, column: str) -> dict | None:
-    tag = Cell("diag", 1, column).name.split("-")[-1]
-    path = paper_dir / "baselines" / f"{tag}.json"
+    path = paper_dir / "baselines" / f"{column_tag(column)}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 

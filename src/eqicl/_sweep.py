@@ -72,13 +72,18 @@ class Cell:
 
     @property
     def name(self) -> str:
-        col = self.column
-        tag = f"c{col.strip('{}').replace(';', '_')}" if col.startswith("{") else f"u{col}"
-        return f"{self.model}-L{self.layers}-{tag}"
+        return f"{self.model}-L{self.layers}-{column_tag(self.column)}"
 
     @property
     def row(self) -> str:
         return MODEL_ROWS[self.model]
+
+
+def column_tag(column: str) -> str:
+    """A file-name-safe tag of a Table 1 column: "3" -> "u3", "{1;3}" -> "c1_3"."""
+    if column.startswith("{"):
+        return "c" + column.strip("{}").replace(";", "_")
+    return f"u{column}"
 
 
 def task_for(column: str) -> TaskConfig:
@@ -260,7 +265,7 @@ def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> No
     order = sorted(rows, key=lambda k: (COLUMNS.index(k[1]), k[0]))
     _write_csv(path, BASELINE_FIELDS, (rows[k] for k in order))
     _write_json(
-        paper_dir / "baselines" / f"{Cell('diag', 1, column).name.split('-')[-1]}.json",
+        paper_dir / "baselines" / f"{column_tag(column)}.json",
         {
             "noise": column,
             "after_layer_steps": config.model.layers,
