@@ -4,7 +4,7 @@
 
 For FULL, DIAG and GD++ at the paper's configuration (d = 10, n = 20, batch 2048; 1, 3 and 7
 layers) it times eqicl's jitted training chunk (`make_train_chunk` with the statistics
-formulation and the Wishart sampler) and a plain reference written here the obvious way (tokens
+formulation; the Wishart sampler is disabled, see TrainConfig) and a plain reference written here the obvious way (tokens
 through the SPEC §2 einsum, Adam, data sampled every step, the same number of steps per jitted
 call), both on the paper's sampled objective, plus eqicl on its default exact objective. It
 reports step time, sequences/s, the ratio, an analytic FLOP count with the achieved GFLOP/s,
@@ -158,7 +158,7 @@ def eqicl_config(kind, layers, d, n, batch, steps, objective):
             checkpoint_every=steps,
             objective=objective,
             formulation="stats",
-            sampler="wishart",
+            sampler="tokens",
             devices=1,
         ),
     )

@@ -1,7 +1,5 @@
 """The noisy linear-regression task (SPEC §1) and the oracle posterior mean."""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -72,16 +70,8 @@ def sample_batch(
     return Batch(x=x, y=y, xq=xq, yq=yq, w=w, sigma=sigma)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "batch", "dtype"))
-def sample_batch_jit(
-    key: PRNGKeyArray,
-    task: TaskConfig,
-    batch: int,
-    dtype=jnp.float32,
-    sigma: Float[Array, " batch"] | None = None,
-) -> Batch:
-    """`sample_batch` compiled as one program (evaluation samples outside any jit)."""
-    return sample_batch(key, task, batch, dtype, sigma)
+# `sample_batch` compiled as one program, for evaluation (which samples outside any jit).
+sample_batch_jit = jax.jit(sample_batch, static_argnames=("task", "batch", "dtype"))
 
 
 def statistics(
