@@ -17,7 +17,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from eqicl._paper import paper_table  # noqa: E402
-from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, Cell, column_tag, read_table  # noqa: E402
+from eqicl._sweep import (  # noqa: E402
+    COLUMNS,
+    LAYERS,
+    MODEL_ROWS,
+    Cell,
+    column_tag,
+    read_baselines,
+    read_table,
+)  # noqa: E402
 
 COLORS = {"gdpp": "tab:green", "diag": "tab:blue", "full": "tab:red"}
 BASE_STYLE = {
@@ -207,14 +215,8 @@ def figure5(paper_dir: pathlib.Path) -> plt.Figure:
 
 
 def _base_value(paper_dir, name, column) -> float:
-    import csv
-    import io
-
-    path = paper_dir / "baselines.csv"
-    for r in csv.DictReader(io.StringIO(path.read_text())):
-        if r["method"] == name and r["noise"] == column:
-            return float(r["exact"])
-    return float("nan")
+    row = read_baselines(paper_dir).get((name, column))
+    return float(row["exact"]) if row is not None else float("nan")
 
 
 def figure6(paper_dir: pathlib.Path) -> plt.Figure:

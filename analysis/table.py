@@ -10,13 +10,11 @@ sampled one, far smaller standard error); the sampled value is shown beside it.
 """
 
 import argparse
-import csv
-import io
 import pathlib
 import sys
 
 from eqicl._paper import paper_table
-from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, SweepError, read_table
+from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, SweepError, read_baselines, read_table
 
 
 def verdict(ours: float, se: float, paper: float) -> str:
@@ -62,7 +60,7 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
                     cells.append(f"{ours:.3g} / {paper:.3g} {marks[v]}")
                 counts[v] += 1
             lines.append(f"| {row_name} | {layers} | " + " | ".join(cells) + " |")
-    base = _baselines(paper_dir)
+    base = read_baselines(paper_dir)
     if base:
         lines += [
             "",
@@ -89,13 +87,6 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
         f"({counts['beaten']} beaten), {counts['missed']} missed, {counts['missing']} not run.",
     ]
     return "\n".join(lines) + "\n", counts
-
-
-def _baselines(paper_dir: pathlib.Path) -> dict:
-    path = paper_dir / "baselines.csv"
-    if not path.exists():
-        return {}
-    return {(r["method"], r["noise"]): r for r in csv.DictReader(io.StringIO(path.read_text()))}
 
 
 def main(argv: list[str] | None = None) -> int:

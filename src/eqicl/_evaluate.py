@@ -105,17 +105,6 @@ def _chunk_losses(model: LinearTransformer | None, tuned: TunedBaselines | None,
     return out
 
 
-@eqx.filter_jit
-def _profile_point(model: LinearTransformer | None, tuned: TunedBaselines | None, batch) -> dict:
-    sp = spectral(batch)
-    out = {"oracle_trace": posterior_trace(sp)}
-    if model is not None:
-        out["model"] = model_exact_losses(model, batch, sp)
-    if tuned is not None:
-        out["baselines"] = {name: exact_loss(sp, c) for name, c in tuned.coords(sp).items()}
-    return out
-
-
 def _keys(config: Config) -> dict[str, PRNGKeyArray]:
     base = prng_key(config.eval.seed)
     return {
@@ -253,13 +242,13 @@ def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselin
             dt,
             sigma=jnp.full((ec.profile_sequences,), s, dt),
         )
-        point = jax.device_get(_profile_point(model, tuned, batch))
+        point = jax.device_get(_chunk_losses(model, tuned, batch))
         if model is not None:
-            losses = point["model"]
+            losses = point["model"][0].T  # exact estimator, (sequences, layers)
             out["model"].append(losses.mean(axis=0).tolist())
             out["model_se"].append((losses.std(axis=0, ddof=1) / root_n).tolist())
         out["oracle_unadjusted"].append(float(point["oracle_trace"].mean()))
-        for name, losses in point.get("baselines", {}).items():
+        for name, (losses, _, _) in point.get("baselines", {}).items():
             out["baselines"].setdefault(name, []).append(float(losses.mean()))
             out["baselines_se"].setdefault(name, []).append(float(losses.std(ddof=1) / root_n))
     return out

@@ -244,10 +244,7 @@ def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> No
     """Score the baselines once for a noise setting (same test sequences as the cells)."""
     result = evaluate_baselines(config)
     path = paper_dir / "baselines.csv"
-    rows = {}
-    if path.exists():
-        for row in csv.DictReader(io.StringIO(path.read_text())):
-            rows[(row["method"], row["noise"])] = row
+    rows = read_baselines(paper_dir)
     table = paper_table()
     names = {"constrr": "CONSTRR", "adarr": "ADARR", "tunedrr": "TUNEDRR"}
     for name, r in result["baselines"].items():
@@ -275,11 +272,17 @@ def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> No
     )
 
 
-def recorded_baseline_columns(paper_dir: pathlib.Path) -> set[str]:
+def read_baselines(paper_dir: pathlib.Path) -> dict[tuple[str, str], dict]:
+    """The rows of baselines.csv keyed by (method, noise column); empty if there is none."""
     path = paper_dir / "baselines.csv"
     if not path.exists():
-        return set()
-    return {row["noise"] for row in csv.DictReader(io.StringIO(path.read_text()))}
+        return {}
+    rows = csv.DictReader(io.StringIO(path.read_text()))
+    return {(row["method"], row["noise"]): row for row in rows}
+
+
+def recorded_baseline_columns(paper_dir: pathlib.Path) -> set[str]:
+    return {noise for _, noise in read_baselines(paper_dir)}
 
 
 def sweep(
