@@ -1,4 +1,6 @@
-"""The statistics formulation (eqicl._fast) against the paper's token equation, in float64."""
+"""The statistics formulation in XLA (eqicl._fast, what runs on GPUs and device meshes)
+against the paper's token equation, in float64. The compiled CPU kernel, which replaces it
+on a single CPU device, has its own tests in test_kernel.py."""
 
 import math
 
@@ -31,18 +33,19 @@ def test_layer_weights_equal_the_token_forward_pass(kind):
     batch = eqicl.sample_batch(jr.key(1), task, 7, F64)
     want = jax.vmap(model.implicit_weights)(batch.x, batch.y)  # (batch, layers, d)
     st = _fast.stats_from_batch(batch)
-    got = _fast.layer_weights(model, st.s)  # (layers, d, batch)
+    got = _fast.xla_layer_weights(model, st.s)  # (layers, d, batch)
     np.testing.assert_allclose(jnp.transpose(got, (2, 0, 1)), want, rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(
-        _fast.final_weights(model, st.s).T, want[:, -1], rtol=1e-11, atol=1e-12
+        _fast.xla_final_weights(model, st.s).T, want[:, -1], rtol=1e-11, atol=1e-12
     )
 
 
 @pytest.mark.parametrize("kind", ["full", "diag", "gdpp"])
 @pytest.mark.parametrize("objective", ["exact", "sampled"])
-def test_loss_and_gradient_equal_the_token_formulation(kind, objective):
+def test_loss_and_gradient_equal_the_token_formulation(kind, objective, monkeypatch):
     """Same sequences (tokens sampler): the fast loss and its gradient (hand-written VJP)
     equal those of the token formulation to round-off."""
+    monkeypatch.setattr(_fast._kernel, "usable", lambda: False)
     task = eqicl.TaskConfig(d=5, n=12, sigma_max=2.0)
     model = _model(kind, task, heads=1 if kind == "full" else 2, layers=4)
     batch = eqicl.sample_batch(jr.key(2), task, 16, F64)

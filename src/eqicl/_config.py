@@ -124,9 +124,10 @@ class TrainConfig:
     """Optimisation. `objective="exact"` trains on ½‖w^L − μ‖² (SPEC §5), `"sampled"` on
     ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it).
 
-    `formulation="tokens"` runs the paper's token equation; `"stats"` runs the forward pass on
-    the D×D context statistics (Theorem 4.1, n-independent; equal to round-off, but on
-    2 CPU cores at n = 20 not yet faster, see README "Performance").
+    `formulation="stats"` runs the forward pass on the D×D context statistics (Theorem 4.1,
+    n-independent), through eqicl's compiled CPU kernel on a single CPU device and in XLA
+    elsewhere; `"tokens"` runs the paper's token equation in XLA (the reference). Both give
+    the same result to round-off; see README "Performance".
     `sampler="wishart"` draws the statistics directly from their exact distribution (stats
     formulation only; needs n ≥ d + 1, else tokens are sampled); `"tokens"` samples the tokens.
     `devices`: data-parallel devices sharing each step's batch (0: every local device whose
@@ -156,7 +157,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     select_sequences: int = 10_000
     # Performance (results unchanged to round-off; see README "Performance"):
-    formulation: Literal["stats", "tokens"] = "tokens"
+    formulation: Literal["stats", "tokens"] = "stats"
     sampler: Literal["wishart", "tokens"] = "tokens"
     devices: int = 0
     max_skipped: int = 10

@@ -30,6 +30,7 @@ import jax.random as jr
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import _kernel
 from ._config import TaskConfig
 from ._model import AbstractLinearAttention, LinearTransformer
 from ._task import Batch, sample_sigma
@@ -198,7 +199,18 @@ _row_times.defvjp(_row_times_fwd, _row_times_bwd)
 def final_weights(
     model: LinearTransformer, s: Float[Array, "D D batch"]
 ) -> Float[Array, "d batch"]:
-    """wᴸ after the last layer: ŷ = <wᴸ, x_t>, wᴸ = −(e_Dᵀ (I+Tᴸ⁻¹) ⋯ (I+T⁰))[:d]."""
+    """wᴸ after the last layer: ŷ = <wᴸ, x_t>, wᴸ = −(e_Dᵀ (I+Tᴸ⁻¹) ⋯ (I+T⁰))[:d]. On a
+    single CPU device this runs eqicl's compiled kernel (`eqicl._kernel`, same result to
+    round-off); elsewhere the XLA formulation below."""
+    if _kernel.usable():
+        return _kernel.final_weights(model, s)
+    return xla_final_weights(model, s)
+
+
+def xla_final_weights(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "d batch"]:
+    """`final_weights` in XLA (any backend, any mesh)."""
     maps = layer_maps(model, s)
     big_d, batch = s.shape[0], s.shape[-1]
     row = jnp.zeros((big_d, batch), s.dtype).at[-1].set(1.0)
@@ -209,7 +221,17 @@ def final_weights(
 def layer_weights(
     model: LinearTransformer, s: Float[Array, "D D batch"]
 ) -> Float[Array, "layers d batch"]:
-    """wˡ after every layer (row l: after layer l + 1), from the cumulative maps Cˡ."""
+    """wˡ after every layer (row l: after layer l + 1), from the cumulative maps Cˡ; the
+    compiled kernel where it applies (forward only), as in `final_weights`."""
+    if _kernel.usable():
+        return _kernel.layer_weights(model, s)
+    return xla_layer_weights(model, s)
+
+
+def xla_layer_weights(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "layers d batch"]:
+    """`layer_weights` in XLA (any backend, any mesh)."""
     maps = layer_maps(model, s)
 
     def fwd(c, a):
@@ -234,10 +256,15 @@ def _shard_batch(x):
     return lax.with_sharding_constraint(x, spec)
 
 
+def context_stats(x: Float[Array, "batch n d"], y: Float[Array, "batch n"]) -> Float[Array, "D D batch"]:
+    """S⁰ = Σ_j e_j e_jᵀ of every sequence, batch last."""
+    e = jnp.concatenate([x, y[..., None]], axis=-1)
+    return jnp.einsum("bni,bnj->ijb", e, e)
+
+
 def stats_from_batch(batch: Batch) -> Stats:
     """The statistics of sampled tokens: the same sequences as `batch`."""
-    e = jnp.concatenate([batch.x, batch.y[..., None]], axis=-1)
-    return Stats(s=jnp.einsum("bni,bnj->ijb", e, e), xq=batch.xq.T, yq=batch.yq, sigma=batch.sigma)
+    return Stats(s=context_stats(batch.x, batch.y), xq=batch.xq.T, yq=batch.yq, sigma=batch.sigma)
 
 
 def _chi2(
