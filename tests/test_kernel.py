@@ -1,12 +1,15 @@
 """The compiled CPU kernel (eqicl._kernel) against the paper's token equation and plain
 autodiff, in float64."""
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from scipy import special
 
 import eqicl
 from eqicl import _fast, _kernel
@@ -143,3 +146,59 @@ def test_training_uses_the_kernel_and_matches_the_xla_path(monkeypatch):
     for a, b in zip(jax.tree.leaves(eqx.filter(with_kernel.model, eqx.is_array)),
                     jax.tree.leaves(eqx.filter(without.model, eqx.is_array)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# n = 6 ≥ D: Bartlett with χ² of 6, 5, 4, 3 degrees of freedom; n = 4: down to χ²_1 (drawn as a
+# squared normal); n = 2 < D: the sum of outer products itself.
+@pytest.mark.parametrize("n", [6, 4, 2])
+def test_wishart_sampler_has_the_token_distribution(n):
+    """S⁰ drawn by the kernel has the distribution of Σ_j e_j e_jᵀ of sampled tokens: mean and
+    variance of every entry, E[log det Σ] (exact for Wishart), and the joint law of the query
+    with the statistics, within sampling error (100,000 sequences each)."""
+    task = eqicl.TaskConfig(d=3, n=n, noise="categorical", sigma_set=(0.5, 2.0))
+    m = 100_000
+    wish = _fast.sample_stats(jr.key(8), task, m, F64, "wishart")
+    tok = _fast.sample_stats(jr.key(9), task, m, F64, "tokens")
+    for a, b in ((wish.s, tok.s), (wish.xq, tok.xq), (wish.yq, tok.yq), (wish.sigma, tok.sigma)):
+        a, b = np.asarray(a), np.asarray(b)
+        se = np.sqrt(a.var(-1) / m + b.var(-1) / m)
+        np.testing.assert_array_less(np.abs(a.mean(-1) - b.mean(-1)), 5 * se + 1e-12)
+        np.testing.assert_allclose(a.var(-1), b.var(-1), rtol=0.08)
+    d = task.d
+    if n > d:
+        logdet = np.linalg.slogdet(np.transpose(np.asarray(wish.s[:d, :d]), (2, 0, 1)))[1]
+        want = sum(special.digamma((n - i) / 2) for i in range(d)) + d * math.log(2)
+        np.testing.assert_allclose(logdet.mean(), want, atol=5 * logdet.std() / math.sqrt(m))
+    # y_t = <w, x_t> with the same w as in S: the covariance of y_t with <x_t, α> matches.
+    cov_w = np.mean(np.asarray(wish.yq) * np.asarray(jnp.sum(wish.xq * wish.s[:d, d], 0)))
+    cov_t = np.mean(np.asarray(tok.yq) * np.asarray(jnp.sum(tok.xq * tok.s[:d, d], 0)))
+    np.testing.assert_allclose(cov_w, cov_t, rtol=0.1)
+
+
+def test_wishart_sampler_is_deterministic_whatever_the_threads(monkeypatch):
+    task = eqicl.TaskConfig(d=10, n=20, sigma_max=2.0)
+    draw = jax.jit(lambda k: _kernel.sample_wishart(k, task.n, 11, 100, 7, F64))
+    monkeypatch.setenv("EQICL_KERNEL_THREADS", "1")
+    one = draw(jr.key(3))
+    monkeypatch.setenv("EQICL_KERNEL_THREADS", "2")
+    two = draw(jr.key(3))
+    other = draw(jr.key(4))
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(one[0], other[0])
+    np.testing.assert_allclose(one[0], jnp.swapaxes(one[0], 0, 1))
+
+
+def test_kernel_normals_are_standard_normal():
+    """The ziggurat normals: Kolmogorov–Smirnov against Φ on 10⁶ draws, and the mass beyond
+    3.5 (the ziggurat's tail region starts at 3.44) within 4 standard errors."""
+    from scipy import stats
+
+    _, z = _kernel.sample_wishart(jr.key(11), 20, 11, 50_000, 20, F64)
+    z = np.asarray(z).ravel()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    p = 2 * stats.norm.sf(3.5)
+    tail = np.mean(np.abs(z) > 3.5)
+    assert abs(tail - p) < 4 * math.sqrt(p * (1 - p) / z.size)
+    se = np.sqrt(np.array([1.0, 2.0, 24.0]) / z.size)  # of the mean, variance, excess kurtosis
+    np.testing.assert_array_less(np.abs([z.mean(), z.var() - 1, stats.kurtosis(z)]), 5 * se)

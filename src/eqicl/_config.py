@@ -128,8 +128,10 @@ class TrainConfig:
     n-independent), through eqicl's compiled CPU kernel on a single CPU device and in XLA
     elsewhere; `"tokens"` runs the paper's token equation in XLA (the reference). Both give
     the same result to round-off; see README "Performance".
-    `sampler="wishart"` draws the statistics directly from their exact distribution (stats
-    formulation only; needs n ≥ d + 1, else tokens are sampled); `"tokens"` samples the tokens.
+    `sampler="wishart"` draws the statistics directly from their exact distribution in the CPU
+    kernel (stats formulation only; the cost does not grow with n; where the kernel does not
+    apply, tokens are sampled: same law, other draws); `"tokens"` samples the tokens
+    (`sample_batch`, the very sequences the token formulation sees).
     `devices`: data-parallel devices sharing each step's batch (0: every local device whose
     count divides the batch; results equal a single device's up to round-off).
 
@@ -158,7 +160,7 @@ class TrainConfig:
     select_sequences: int = 10_000
     # Performance (results unchanged to round-off; see README "Performance"):
     formulation: Literal["stats", "tokens"] = "stats"
-    sampler: Literal["wishart", "tokens"] = "tokens"
+    sampler: Literal["wishart", "tokens"] = "wishart"
     devices: int = 0
     max_skipped: int = 10
     explode_factor: float = 10.0
@@ -169,14 +171,6 @@ class TrainConfig:
         for name in ("steps", "batch", "seeds", "steps_per_call", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sampler == "wishart":
-            # Measured at the end of session 1: a training run with the Wishart sampler hangs in
-            # the first jitted call (the chi-square while_loop) since the divergence guard was
-            # merged. Refused until fixed (issue 5); eqicl._fast.sample_stats itself is tested.
-            raise ConfigError(
-                "train.sampler=wishart is disabled: training with it hangs (known bug); "
-                "use train.sampler=tokens"
-            )
         if self.devices < 0:
             raise ConfigError(f"train.devices must be >= 0 (0: all), got {self.devices}")
         if self.devices > 0 and self.batch % self.devices:

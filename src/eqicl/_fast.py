@@ -16,11 +16,12 @@ times), hence `_materialize`; and their autodiff is poor, hence the hand-written
 
 Why the Wishart sampler is exact. Given w_τ and σ_τ the tokens e_j = (x_j, <w, x_j> + σ ξ_j)
 are G z_j with z_j ~ N(0, I_D) and G = [[I, 0], [wᵀ, σ]], so S⁰ = G Z Gᵀ with
-Z = Σ_j z_j z_jᵀ ~ Wishart_D(n, I). For n ≥ D, Bartlett's decomposition gives Z = A Aᵀ with A
-lower triangular, A_ii² ~ χ²_{n−i} (i = 0..D−1) and A_ij ~ N(0, 1) below the diagonal, all
-independent. w_τ, σ_τ and the query are drawn as in `sample_batch`. The statistics then have
-exactly the distribution of those of `sample_batch`, from D·(D+1)/2 + D + d + 1 random numbers
-per sequence instead of n·(d+1) + 2d + 1 (not the same numbers: the sequences differ).
+Z = Σ_j z_j z_jᵀ ~ Wishart_D(n, I). The CPU kernel draws Z by Bartlett's decomposition (for
+n ≥ D: Z = A Aᵀ with A lower triangular, A_ii² ~ χ²_{n−i}, i = 0..D−1, and A_ij ~ N(0, 1)
+below the diagonal, all independent), w_τ and the query as standard normals, σ_τ as in
+`sample_batch`. The statistics then have exactly the distribution of those of `sample_batch`,
+from D(D+1)/2 + 2d random numbers per sequence (plus a few rejected gamma proposals) instead
+of n·(d+1) + 2d: the sequences differ, the law does not, and the cost does not grow with n.
 """
 
 import equinox as eqx
@@ -267,70 +268,35 @@ def stats_from_batch(batch: Batch) -> Stats:
     return Stats(s=context_stats(batch.x, batch.y), xq=batch.xq.T, yq=batch.yq, sigma=batch.sigma)
 
 
-def _chi2(
-    key: PRNGKeyArray, df: Float[Array, "k 1"], shape: tuple[int, int], dtype
-) -> Float[Array, "k batch"]:
-    """χ²_df = 2·Gamma(df/2) by Marsaglia–Tsang, vectorised: rounds of proposals for the
-    whole array until every entry has accepted one (exact; ~3 rounds for df ≥ 2). Much
-    cheaper than `jr.gamma`, which splits a key per element."""
-    key, boost_key = jr.split(key)
-    a = jnp.broadcast_to(df / 2, shape)
-    # Marsaglia–Tsang needs shape ≥ 1; for a < 1 use Gamma(a) = Gamma(a + 1) · U^{1/a}.
-    boost = a < 1
-    a1 = jnp.where(boost, a + 1, a)
-    dd = a1 - 1.0 / 3.0
-    c = 1.0 / jnp.sqrt(9.0 * dd)
-
-    def body(carry):
-        i, out, done = carry
-        kx, ku = jr.split(jr.fold_in(key, i))
-        x = jr.normal(kx, shape, dtype)
-        u = jr.uniform(ku, shape, dtype)
-        v = (1.0 + c * x) ** 3
-        ok = (v > 0) & (
-            jnp.log(u) < 0.5 * x**2 + dd - dd * v + dd * jnp.log(jnp.where(v > 0, v, 1.0))
-        )
-        out = jnp.where(done | ~ok, out, dd * v)
-        return i + 1, out, done | ok
-
-    _, g, _ = lax.while_loop(
-        lambda carry: ~jnp.all(carry[2]),
-        body,
-        (jnp.zeros((), jnp.int32), jnp.zeros(shape, dtype), jnp.zeros(shape, bool)),
-    )
-    u = jr.uniform(boost_key, shape, dtype, minval=jnp.finfo(dtype).tiny)
-    g = jnp.where(boost, g * u ** (1.0 / a), g)
-    return 2.0 * g
-
-
 def sample_stats(
     key: PRNGKeyArray, task: TaskConfig, batch: int, dtype=jnp.float32, sampler: str = "wishart"
 ) -> Stats:
     """`batch` sequences as statistics. `sampler="tokens"`: from `sample_batch` (the same
-    sequences as the token formulation); `"wishart"`: S⁰ drawn directly from its exact
-    distribution (Bartlett, see the module docstring), which needs n ≥ d + 1 and otherwise
-    falls back to tokens."""
-    d, n = task.d, task.n
-    big_d = d + 1
-    if sampler == "tokens" or n < big_d:
+    sequences as the token formulation); `"wishart"`: S⁰ = G Z Gᵀ with Z ~ Wishart_D(n, I)
+    drawn by the CPU kernel (Bartlett, see the module docstring), the cost independent of n.
+    Where the kernel does not apply (GPU, device mesh), `"wishart"` samples tokens: the same
+    distribution, other draws."""
+    if sampler == "tokens" or not _kernel.usable():
         from ._task import sample_batch
 
         st = stats_from_batch(sample_batch(key, task, batch, dtype))
         return Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
-    kw, kq, ks, kd, ko = jr.split(key, 5)
-    w = _shard_batch(jr.normal(kw, (d, batch), dtype))
-    xq = _shard_batch(jr.normal(kq, (d, batch), dtype))
-    sigma = _shard_batch(sample_sigma(ks, task, batch, dtype))
-    df = (n - jnp.arange(big_d)).astype(dtype)[:, None]
-    diag = jnp.sqrt(_shard_batch(_chi2(kd, df, (big_d, batch), dtype)))
-    rows, cols = jnp.tril_indices(big_d, -1)
-    below = _shard_batch(jr.normal(ko, (rows.shape[0], batch), dtype))
-    a = jnp.zeros((big_d, big_d, batch), dtype)
-    a = a.at[jnp.arange(big_d), jnp.arange(big_d)].set(diag).at[rows, cols].set(below)
-    # L = G A with G = [[I, 0], [wᵀ, σ]]: the x-rows are A's, the y-row is wᵀ A_x + σ A_y.
-    y_row = jnp.sum(w[:, None, :] * a[:d], axis=0) + sigma[None, :] * a[d]
-    lo = _materialize(jnp.concatenate([a[:d], y_row[None]], axis=0))
-    s = _bmm_nt(lo, lo)
+    d, n = task.d, task.n
+    kz, ks = jr.split(key)
+    z, normals = _kernel.sample_wishart(kz, n, d + 1, batch, 2 * d, dtype)
+    w, xq = normals[:d], normals[d:]
+    sigma = sample_sigma(ks, task, batch, dtype)
+    # S⁰ = G Z Gᵀ, G = [[I, 0], [wᵀ, σ]]: Σ = Z_xx, α = Z_xx w + σ z_xy,
+    # λ = wᵀ Z_xx w + 2σ wᵀ z_xy + σ² z_yy (sums unrolled: batch-last multiply-adds).
+    zxx, zxy, zyy = z[:d, :d], z[:d, d], z[d, d]
+    zw = zxx[:, 0] * w[0][None]
+    for j in range(1, d):
+        zw = zw + zxx[:, j] * w[j][None]
+    alpha = zw + sigma[None] * zxy
+    lam = jnp.sum(w * (zw + 2 * sigma[None] * zxy), axis=0) + sigma**2 * zyy
+    top = jnp.concatenate([zxx, alpha[:, None]], axis=1)
+    bottom = jnp.concatenate([alpha, lam[None]], axis=0)[None]
+    s = jnp.concatenate([top, bottom], axis=0)
     return Stats(s=s, xq=xq, yq=jnp.sum(xq * w, axis=0), sigma=sigma)
 
 

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -336,6 +337,203 @@ void dispatch(const Shape& sh, const T* s0, const T* p, const T* q, const T* gw,
   run<T>(sh, s0, p, q, gw, all_layers, out, ds0, dp, dq);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Sampling. Z ~ Wishart_D(n, I), i.e. distributed as Σ_{j=1}^{n} z_j z_jᵀ with z_j ~ N(0, I_D),
+// plus m extra standard normals per sequence. For n ≥ D by Bartlett's decomposition
+// (Z = A Aᵀ, A lower triangular, A_ii² ~ χ²_{n−i}, A_ij ~ N(0, 1) below the diagonal), so the
+// cost does not grow with n; for n < D as the sum itself.
+// Random numbers: every sequence has its own xoshiro256++ stream (Blackman & Vigna), seeded by
+// Philox-4x32-10 (Salmon et al., SC'11) of (caller's key, sequence index), so the result depends
+// on neither the thread count nor the batch split. Normals by the ziggurat method with 128
+// layers in Doornik's form (separate bits for the layer and the 53-bit abscissa; exact
+// rejection, tail by Marsaglia's method); χ² as 2·Gamma(k/2) by Marsaglia–Tsang (k = 1: a
+// squared normal). All in float64.
+
+struct Ziggurat {
+  static constexpr int C = 128;
+  static constexpr double R = 3.442619855899, V = 9.91256303526217e-3;
+  double x[C + 1], ratio[C];
+  Ziggurat() {
+    auto f = [](double t) { return std::exp(-0.5 * t * t); };
+    x[0] = V / f(R);
+    x[1] = R;
+    for (int i = 2; i < C; ++i) x[i] = std::sqrt(-2.0 * std::log(V / x[i - 1] + f(x[i - 1])));
+    x[C] = 0.0;
+    for (int i = 0; i < C; ++i) ratio[i] = x[i + 1] / x[i];
+  }
+};
+
+const Ziggurat& ziggurat() {
+  static const Ziggurat z;
+  return z;
+}
+
+inline uint64_t rotl(uint64_t v, int k) { return (v << k) | (v >> (64 - k)); }
+
+inline uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Stream {
+  uint64_t st[4];
+  const Ziggurat& zig = ziggurat();
+
+  Stream(uint32_t key0, uint32_t key1, uint64_t seq) {
+    // Philox-4x32-10 of counter (seq, 0) under key (key0, key1).
+    uint32_t c0 = uint32_t(seq), c1 = uint32_t(seq >> 32), c2 = 0, c3 = 0;
+    uint32_t a = key0, b = key1;
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+      const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+      const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ a;
+      const uint32_t n2 = uint32_t(p0 >> 32) ^ c3 ^ b;
+      c1 = uint32_t(p1);
+      c3 = uint32_t(p0);
+      c0 = n0;
+      c2 = n2;
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+    uint64_t s = (uint64_t(c0) << 32 | c1) ^ rotl(uint64_t(c2) << 32 | c3, 17);
+    for (auto& v : st) v = splitmix64(s);
+  }
+  uint64_t next() {  // xoshiro256++
+    const uint64_t out = rotl(st[0] + st[3], 23) + st[0];
+    const uint64_t t = st[1] << 17;
+    st[2] ^= st[0];
+    st[3] ^= st[1];
+    st[1] ^= st[2];
+    st[0] ^= st[3];
+    st[2] ^= t;
+    st[3] = rotl(st[3], 45);
+    return out;
+  }
+  // Uniform on (0, 1), 53 random bits, never 0 or 1.
+  double uniform() { return (double(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+  double normal() {
+    for (;;) {
+      const uint64_t r = next();
+      const int i = int(r & 0x7F);                                          // layer: low 7 bits
+      const double u = 2.0 * ((double(r >> 11) + 0.5) * (1.0 / 9007199254740992.0)) - 1.0;
+      if (std::fabs(u) < zig.ratio[i]) return u * zig.x[i];
+      if (i == 0) {  // the tail beyond R
+        double t, y;
+        do {
+          t = std::log(uniform()) / Ziggurat::R;
+          y = std::log(uniform());
+        } while (-2.0 * y < t * t);
+        return u < 0 ? t - Ziggurat::R : Ziggurat::R - t;
+      }
+      const double xx = u * zig.x[i];
+      const double f0 = std::exp(-0.5 * (zig.x[i] * zig.x[i] - xx * xx));
+      const double f1 = std::exp(-0.5 * (zig.x[i + 1] * zig.x[i + 1] - xx * xx));
+      if (f0 + uniform() * (f1 - f0) < 1.0) return xx;
+    }
+  }
+  double gamma(double a) {  // a ≥ 1
+    const double d = a - 1.0 / 3.0, c = 1.0 / std::sqrt(9.0 * d);
+    for (;;) {
+      const double x = normal();
+      double v = 1.0 + c * x;
+      if (v <= 0.0) continue;
+      v = v * v * v;
+      const double u = uniform();
+      if (u < 1.0 - 0.0331 * x * x * x * x) return d * v;
+      if (std::log(u) < 0.5 * x * x + d * (1.0 - v + std::log(v))) return d * v;
+    }
+  }
+  double chi2(int64_t k) {
+    if (k == 1) {
+      const double z = normal();
+      return z * z;
+    }
+    return 2.0 * gamma(0.5 * double(k));
+  }
+};
+
+// One sequence into column `col` of the block buffers zb (D·D × W) and eb (m × W).
+void sample_one(uint32_t k0, uint32_t k1, int64_t b, int64_t n, int D, int64_t m, int col,
+                int W, double* zb, double* eb, double* a) {
+  Stream g(k0, k1, uint64_t(b));
+  if (n >= D) {
+    std::fill(a, a + D * D, 0.0);
+    for (int i = 0; i < D; ++i) {
+      a[i * D + i] = std::sqrt(g.chi2(n - i));
+      for (int j = 0; j < i; ++j) a[i * D + j] = g.normal();
+    }
+    for (int i = 0; i < D; ++i)
+      for (int j = 0; j <= i; ++j) {
+        double acc = 0.0;
+        for (int k = 0; k <= j; ++k) acc += a[i * D + k] * a[j * D + k];
+        zb[(i * D + j) * W + col] = zb[(j * D + i) * W + col] = acc;
+      }
+  } else {
+    for (int ij = 0; ij < D * D; ++ij) zb[ij * W + col] = 0.0;
+    for (int64_t t = 0; t < n; ++t) {
+      for (int i = 0; i < D; ++i) a[i] = g.normal();
+      for (int i = 0; i < D; ++i)
+        for (int j = 0; j < D; ++j) zb[(i * D + j) * W + col] += a[i] * a[j];
+    }
+  }
+  for (int64_t e = 0; e < m; ++e) eb[e * W + col] = g.normal();
+}
+
+template <typename T>
+void sample_all(uint32_t k0, uint32_t k1, int64_t n, int D, int64_t B, int64_t m, T* z,
+                T* extra) {
+  // Sequences are drawn in blocks of W and written out row by row: writing one sequence's
+  // D·D entries at a stride of B (a power of two, typically) would thrash one cache set.
+  constexpr int W = 32;
+  const int64_t blocks = (B + W - 1) / W;
+  const int nt = num_threads(blocks);
+  auto job = [&](int id) {
+    std::vector<double> a(D * D), zb(size_t(D) * D * W), eb(size_t(std::max<int64_t>(m, 1)) * W);
+    for (int64_t blk = id; blk < blocks; blk += nt) {
+      const int64_t b0 = blk * W;
+      const int w = int(std::min<int64_t>(W, B - b0));
+      for (int col = 0; col < w; ++col)
+        sample_one(k0, k1, b0 + col, n, D, m, col, W, zb.data(), eb.data(), a.data());
+      for (int ij = 0; ij < D * D; ++ij)
+        for (int col = 0; col < w; ++col) z[ij * B + b0 + col] = T(zb[ij * W + col]);
+      for (int64_t e = 0; e < m; ++e)
+        for (int col = 0; col < w; ++col) extra[e * B + b0 + col] = T(eb[e * W + col]);
+    }
+  };
+  if (nt == 1) {
+    job(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int id = 0; id < nt; ++id) pool.emplace_back(job, id);
+    for (auto& th : pool) th.join();
+  }
+}
+
+ffi::Error SampleImpl(ffi::Buffer<ffi::U32> key, ffi::Result<ffi::AnyBuffer> z,
+                      ffi::Result<ffi::AnyBuffer> extra, int64_t n) {
+  auto dk = key.dimensions();
+  auto dz = z->dimensions();
+  auto de = extra->dimensions();
+  if (dk.size() != 1 || dk[0] != 2 || dz.size() != 3 || dz[0] != dz[1] || de.size() != 2 ||
+      de[1] != dz[2] || n < 1 || dz[0] < 1 || z->element_type() != extra->element_type())
+    return ffi::Error::InvalidArgument(
+        "eqicl sampler: expected key (2,) uint32, z (D, D, B), extra (m, B), n >= 1");
+  const uint32_t* k = key.typed_data();
+  const int D = int(dz[0]);
+  if (z->element_type() == ffi::DataType::F32)
+    sample_all<float>(k[0], k[1], n, D, dz[2], de[0], z->typed_data<float>(),
+                      extra->typed_data<float>());
+  else if (z->element_type() == ffi::DataType::F64)
+    sample_all<double>(k[0], k[1], n, D, dz[2], de[0], z->typed_data<double>(),
+                       extra->typed_data<double>());
+  else
+    return ffi::Error::InvalidArgument("eqicl sampler: float32 or float64 only");
+  return ffi::Error::Success();
+}
+
 ffi::Error check(const ffi::AnyBuffer& s0, const ffi::AnyBuffer& p, const ffi::AnyBuffer& q,
                  int64_t mode, Shape* sh) {
   auto ds = s0.dimensions();
@@ -415,3 +613,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqiclBackward, BackwardImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqiclSample, SampleImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("n"));

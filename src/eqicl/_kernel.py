@@ -35,7 +35,7 @@ from ._model import AbstractDiagAttention, FullAttention, LinearTransformer
 
 SOURCE = pathlib.Path(__file__).with_name("_kernel.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
-_FORWARD, _BACKWARD = "eqicl_forward", "eqicl_backward"
+_FORWARD, _BACKWARD, _SAMPLE = "eqicl_forward", "eqicl_backward", "eqicl_sample"
 
 _lock = threading.Lock()
 _status: dict = {"tried": False, "ok": False, "reason": "not loaded yet"}
@@ -114,6 +114,9 @@ def load() -> bool:
             )
             jax.ffi.register_ffi_target(
                 _BACKWARD, jax.ffi.pycapsule(lib.EqiclBackward), platform="cpu"
+            )
+            jax.ffi.register_ffi_target(
+                _SAMPLE, jax.ffi.pycapsule(lib.EqiclSample), platform="cpu"
             )
         except Exception as err:  # noqa: BLE001 - any failure means: use the XLA path
             _status["reason"] = f"could not build the kernel: {err}"
@@ -209,3 +212,20 @@ def layer_weights(model: LinearTransformer, s: Float[Array, "D D batch"]) -> Flo
     """wˡ after every layer (forward only, not differentiable). Requires `load()`."""
     mode, p, q = operands(model)
     return _forward(s, jax.lax.stop_gradient(p).astype(s.dtype), jax.lax.stop_gradient(q).astype(s.dtype), mode, True)
+
+
+def sample_wishart(key, n: int, big_d: int, batch: int, extra: int, dtype):
+    """(Z, normals): Z ~ Wishart_D(n, I) of every sequence, (D, D, batch), distributed as
+    Σ_{j=1}^{n} z_j z_jᵀ with z_j ~ N(0, I_D) but drawn by Bartlett's decomposition for n ≥ D
+    (cost independent of n); and `extra` standard normals per sequence, (extra, batch).
+    Deterministic in `key` (a JAX key), independent of the thread count. Requires `load()`."""
+    bits = jax.random.bits(key, (2,), jnp.uint32)
+    call = jax.ffi.ffi_call(
+        _SAMPLE,
+        (
+            jax.ShapeDtypeStruct((big_d, big_d, batch), dtype),
+            jax.ShapeDtypeStruct((extra, batch), dtype),
+        ),
+        vmap_method="sequential",
+    )
+    return call(bits, n=np.int64(n))
