@@ -202,3 +202,18 @@ def test_kernel_normals_are_standard_normal():
     assert abs(tail - p) < 4 * math.sqrt(p * (1 - p) / z.size)
     se = np.sqrt(np.array([1.0, 2.0, 24.0]) / z.size)  # of the mean, variance, excess kurtosis
     np.testing.assert_array_less(np.abs([z.mean(), z.var() - 1, stats.kurtosis(z)]), 5 * se)
+
+
+@pytest.mark.parametrize("d", [6, 10])
+def test_posterior_mean_equals_the_oracle_weights(d):
+    task = eqicl.TaskConfig(d=d, n=d + 4, sigma_max=2.0)
+    batch = eqicl.sample_batch(jr.key(12), task, 45, F64)
+    st = _fast.stats_from_batch(batch)
+    want = jax.vmap(eqicl.oracle_weights)(batch.x, batch.y, batch.sigma)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(
+        _kernel.posterior_mean(st.s, st.sigma).T, want, rtol=1e-10, atol=1e-13 * scale
+    )
+    got32 = _kernel.posterior_mean(st.s.astype(jnp.float32), st.sigma.astype(jnp.float32))
+    assert got32.dtype == jnp.float32
+    np.testing.assert_allclose(got32.T, want, rtol=1e-4, atol=1e-5)

@@ -534,6 +534,84 @@ ffi::Error SampleImpl(ffi::Buffer<ffi::U32> key, ffi::Result<ffi::AnyBuffer> z,
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The posterior mean μ = (Σ + σ² I)⁻¹ α of every sequence (SPEC §5), from S⁰ = [[Σ, α], [αᵀ, λ]]:
+// a Cholesky factorisation and two triangular solves per sequence, in float64.
+
+template <typename T>
+void posterior_all(const T* s, const T* sigma, int D, int64_t B, T* mu) {
+  const int d = D - 1;
+  constexpr int W = 32;  // sequences per block, read and written row by row (see sample_all)
+  const int64_t blocks = (B + W - 1) / W;
+  const int nt = num_threads(blocks);
+  auto job = [&](int id) {
+    std::vector<double> m(size_t(d) * d * W), r(size_t(d) * W), lo(size_t(d) * d), z(d);
+    for (int64_t blk = id; blk < blocks; blk += nt) {
+      const int64_t b0 = blk * W;
+      const int w = int(std::min<int64_t>(W, B - b0));
+      for (int i = 0; i < d; ++i) {
+        for (int j = 0; j < d; ++j)
+          for (int c = 0; c < w; ++c) m[(i * d + j) * W + c] = double(s[(i * D + j) * B + b0 + c]);
+        for (int c = 0; c < w; ++c) r[i * W + c] = double(s[(i * D + d) * B + b0 + c]);
+      }
+      for (int c = 0; c < w; ++c) {
+        const double s2 = double(sigma[b0 + c]) * double(sigma[b0 + c]);
+        for (int j = 0; j < d; ++j) {
+          double acc = m[(j * d + j) * W + c] + s2;
+          for (int k = 0; k < j; ++k) acc -= lo[j * d + k] * lo[j * d + k];
+          lo[j * d + j] = std::sqrt(acc);
+          for (int i = j + 1; i < d; ++i) {
+            double a = m[(i * d + j) * W + c];
+            for (int k = 0; k < j; ++k) a -= lo[i * d + k] * lo[j * d + k];
+            lo[i * d + j] = a / lo[j * d + j];
+          }
+        }
+        for (int i = 0; i < d; ++i) {
+          double acc = r[i * W + c];
+          for (int k = 0; k < i; ++k) acc -= lo[i * d + k] * z[k];
+          z[i] = acc / lo[i * d + i];
+        }
+        for (int i = d - 1; i >= 0; --i) {
+          double acc = z[i];
+          for (int k = i + 1; k < d; ++k) acc -= lo[k * d + i] * r[k * W + c];
+          r[i * W + c] = acc / lo[i * d + i];  // r now holds μ from index i on
+        }
+      }
+      for (int i = 0; i < d; ++i)
+        for (int c = 0; c < w; ++c) mu[i * B + b0 + c] = T(r[i * W + c]);
+    }
+  };
+  if (nt == 1) {
+    job(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int id = 0; id < nt; ++id) pool.emplace_back(job, id);
+    for (auto& th : pool) th.join();
+  }
+}
+
+ffi::Error PosteriorImpl(ffi::AnyBuffer s, ffi::AnyBuffer sigma, ffi::Result<ffi::AnyBuffer> mu) {
+  auto ds = s.dimensions();
+  auto dg = sigma.dimensions();
+  auto dm = mu->dimensions();
+  if (ds.size() != 3 || ds[0] != ds[1] || ds[0] < 2 || dg.size() != 1 || dg[0] != ds[2] ||
+      dm.size() != 2 || dm[0] != ds[0] - 1 || dm[1] != ds[2] ||
+      s.element_type() != sigma.element_type() || s.element_type() != mu->element_type())
+    return ffi::Error::InvalidArgument(
+        "eqicl posterior: expected s (D, D, B), sigma (B,), mu (D - 1, B) of one dtype");
+  const int D = int(ds[0]);
+  if (s.element_type() == ffi::DataType::F32)
+    posterior_all<float>(s.typed_data<float>(), sigma.typed_data<float>(), D, ds[2],
+                         mu->typed_data<float>());
+  else if (s.element_type() == ffi::DataType::F64)
+    posterior_all<double>(s.typed_data<double>(), sigma.typed_data<double>(), D, ds[2],
+                          mu->typed_data<double>());
+  else
+    return ffi::Error::InvalidArgument("eqicl posterior: float32 or float64 only");
+  return ffi::Error::Success();
+}
+
 ffi::Error check(const ffi::AnyBuffer& s0, const ffi::AnyBuffer& p, const ffi::AnyBuffer& q,
                  int64_t mode, Shape* sh) {
   auto ds = s0.dimensions();
@@ -620,3 +698,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqiclSample, SampleImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("n"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqiclPosterior, PosteriorImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

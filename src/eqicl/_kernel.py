@@ -35,7 +35,12 @@ from ._model import AbstractDiagAttention, FullAttention, LinearTransformer
 
 SOURCE = pathlib.Path(__file__).with_name("_kernel.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
-_FORWARD, _BACKWARD, _SAMPLE = "eqicl_forward", "eqicl_backward", "eqicl_sample"
+_FORWARD, _BACKWARD, _SAMPLE, _POSTERIOR = (
+    "eqicl_forward",
+    "eqicl_backward",
+    "eqicl_sample",
+    "eqicl_posterior",
+)
 
 _lock = threading.Lock()
 _status: dict = {"tried": False, "ok": False, "reason": "not loaded yet"}
@@ -117,6 +122,9 @@ def load() -> bool:
             )
             jax.ffi.register_ffi_target(
                 _SAMPLE, jax.ffi.pycapsule(lib.EqiclSample), platform="cpu"
+            )
+            jax.ffi.register_ffi_target(
+                _POSTERIOR, jax.ffi.pycapsule(lib.EqiclPosterior), platform="cpu"
             )
         except Exception as err:  # noqa: BLE001 - any failure means: use the XLA path
             _status["reason"] = f"could not build the kernel: {err}"
@@ -229,3 +237,14 @@ def sample_wishart(key, n: int, big_d: int, batch: int, extra: int, dtype):
         vmap_method="sequential",
     )
     return call(bits, n=np.int64(n))
+
+
+def posterior_mean(s: Float[Array, "D D batch"], sigma: Float[Array, " batch"]) -> Float[Array, "d batch"]:
+    """μ = (Σ + σ²I)⁻¹ α of every sequence from its statistics (Cholesky per sequence, in
+    float64 whatever the dtype; not differentiable). Requires `load()`."""
+    call = jax.ffi.ffi_call(
+        _POSTERIOR,
+        jax.ShapeDtypeStruct((s.shape[0] - 1, s.shape[-1]), s.dtype),
+        vmap_method="sequential",
+    )
+    return call(jax.lax.stop_gradient(s), jax.lax.stop_gradient(sigma.astype(s.dtype)))
