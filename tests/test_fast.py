@@ -2,15 +2,12 @@
 against the paper's token equation, in float64. The compiled CPU kernel, which replaces it
 on a single CPU device, has its own tests in test_kernel.py."""
 
-import math
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from scipy import special
 
 import eqicl
 from eqicl import _fast

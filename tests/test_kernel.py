@@ -99,7 +99,7 @@ def test_seed_ensemble_under_vmap():
 
     got = eqx.filter_vmap(eqx.filter_grad(loss))(models)
     for i in range(3):
-        member = jax.tree.map(lambda a: a[i] if eqx.is_array(a) else a, models)
+        member = jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, models)
         want = eqx.filter_grad(lambda m: jnp.mean(_plain_weights(m, st.s) ** 2))(member)
         np.testing.assert_allclose(got.layers.p[i], want.layers.p, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(got.layers.q[i], want.layers.q, rtol=1e-10, atol=1e-14)
@@ -143,8 +143,11 @@ def test_training_uses_the_kernel_and_matches_the_xla_path(monkeypatch):
     monkeypatch.setattr(_kernel, "usable", lambda: False)
     chunk = make_train_chunk(config, 10)
     without, _ = chunk(jnp.arange(config.train.seeds), init_ensemble(config))
-    for a, b in zip(jax.tree.leaves(eqx.filter(with_kernel.model, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(without.model, eqx.is_array)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(with_kernel.model, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(without.model, eqx.is_array)),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 

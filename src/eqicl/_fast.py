@@ -257,7 +257,9 @@ def _shard_batch(x):
     return lax.with_sharding_constraint(x, spec)
 
 
-def context_stats(x: Float[Array, "batch n d"], y: Float[Array, "batch n"]) -> Float[Array, "D D batch"]:
+def context_stats(
+    x: Float[Array, "batch n d"], y: Float[Array, "batch n"]
+) -> Float[Array, "D D batch"]:
     """S⁰ = Σ_j e_j e_jᵀ of every sequence, batch last."""
     e = jnp.concatenate([x, y[..., None]], axis=-1)
     return jnp.einsum("bni,bnj->ijb", e, e)

@@ -34,7 +34,16 @@ from jaxtyping import Array, Float
 from ._model import AbstractDiagAttention, FullAttention, LinearTransformer
 
 SOURCE = pathlib.Path(__file__).with_name("_kernel.cc")
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+    "-w",
+)
 _FORWARD, _BACKWARD, _SAMPLE, _POSTERIOR = (
     "eqicl_forward",
     "eqicl_backward",
@@ -70,8 +79,13 @@ def _compile(compiler: str) -> pathlib.Path:
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
-                 jax.lib.__version__.encode(), _cpu_signature().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(FLAGS).encode(),
+        version.encode(),
+        jax.lib.__version__.encode(),
+        _cpu_signature().encode(),
+    ):
         digest.update(part)
     path = _cache_dir() / f"libeqicl_kernel-{digest.hexdigest()[:16]}.so"
     if path.exists():
@@ -120,9 +134,7 @@ def load() -> bool:
             jax.ffi.register_ffi_target(
                 _BACKWARD, jax.ffi.pycapsule(lib.EqiclBackward), platform="cpu"
             )
-            jax.ffi.register_ffi_target(
-                _SAMPLE, jax.ffi.pycapsule(lib.EqiclSample), platform="cpu"
-            )
+            jax.ffi.register_ffi_target(_SAMPLE, jax.ffi.pycapsule(lib.EqiclSample), platform="cpu")
             jax.ffi.register_ffi_target(
                 _POSTERIOR, jax.ffi.pycapsule(lib.EqiclPosterior), platform="cpu"
             )
@@ -153,7 +165,9 @@ def usable() -> bool:
 # The model as the kernel's operands.
 
 
-def operands(model: LinearTransformer) -> tuple[int, Float[Array, "L H D D"], Float[Array, "L H D D"]]:
+def operands(
+    model: LinearTransformer,
+) -> tuple[int, Float[Array, "L H D D"], Float[Array, "L H D D"]]:
     """(mode, p, q): FULL gives its P_k, Q_k in paper units (mode 0); DIAG and GD++ the
     matrix W with Tˡ = W ⊙ Sˡ (mode 1, q unused)."""
     layers = model.layers
@@ -167,7 +181,9 @@ def operands(model: LinearTransformer) -> tuple[int, Float[Array, "L H D D"], Fl
         ones = jnp.ones((1, d, d), c.dtype)
         col = jnp.ones((1, d, 1), c.dtype)
         top = jnp.concatenate([wxx * ones, wxy * col], axis=2)
-        bottom = jnp.concatenate([wyx * col.transpose(0, 2, 1), wyy * jnp.ones((1, 1, 1), c.dtype)], axis=2)
+        bottom = jnp.concatenate(
+            [wyx * col.transpose(0, 2, 1), wyy * jnp.ones((1, 1, 1), c.dtype)], axis=2
+        )
         w = jnp.concatenate([top, bottom], axis=1)[:, None]
         return 1, w, jnp.zeros_like(w)
     raise TypeError(f"the kernel does not know the layer type {type(layers).__name__}")
@@ -208,7 +224,9 @@ def _final_bwd(mode, res, g):
 _final.defvjp(_final_fwd, _final_bwd)
 
 
-def final_weights(model: LinearTransformer, s: Float[Array, "D D batch"]) -> Float[Array, "d batch"]:
+def final_weights(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "d batch"]:
     """wᴸ of every sequence from its statistics S⁰ (batch last); differentiable in the model
     and in S⁰. Requires `load()`."""
     mode, p, q = operands(model)
@@ -216,10 +234,18 @@ def final_weights(model: LinearTransformer, s: Float[Array, "D D batch"]) -> Flo
     return _final(s, p, q, mode)
 
 
-def layer_weights(model: LinearTransformer, s: Float[Array, "D D batch"]) -> Float[Array, "layers d batch"]:
+def layer_weights(
+    model: LinearTransformer, s: Float[Array, "D D batch"]
+) -> Float[Array, "layers d batch"]:
     """wˡ after every layer (forward only, not differentiable). Requires `load()`."""
     mode, p, q = operands(model)
-    return _forward(s, jax.lax.stop_gradient(p).astype(s.dtype), jax.lax.stop_gradient(q).astype(s.dtype), mode, True)
+    return _forward(
+        s,
+        jax.lax.stop_gradient(p).astype(s.dtype),
+        jax.lax.stop_gradient(q).astype(s.dtype),
+        mode,
+        True,
+    )
 
 
 def sample_wishart(key, n: int, big_d: int, batch: int, extra: int, dtype):
@@ -239,7 +265,9 @@ def sample_wishart(key, n: int, big_d: int, batch: int, extra: int, dtype):
     return call(bits, n=np.int64(n))
 
 
-def posterior_mean(s: Float[Array, "D D batch"], sigma: Float[Array, " batch"]) -> Float[Array, "d batch"]:
+def posterior_mean(
+    s: Float[Array, "D D batch"], sigma: Float[Array, " batch"]
+) -> Float[Array, "d batch"]:
     """μ = (Σ + σ²I)⁻¹ α of every sequence from its statistics (Cholesky per sequence, in
     float64 whatever the dtype; not differentiable). Requires `load()`."""
     call = jax.ffi.ffi_call(

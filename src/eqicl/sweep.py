@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=int,
         default=None,
-        help="training steps per cell (default: the default preset's)",
+        help="training steps per cell (default: 1000 x (layers + 1))",
     )
     parser.add_argument(
         "--set",
