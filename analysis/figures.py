@@ -2,8 +2,10 @@
 
 Drawn only from the sweep's small committed files (table1.csv, cells/*.json,
 baselines/*.json), so they redraw on a fresh clone without checkpoints. Panels whose cells
-have not been run yet are left empty with a note. Figure 4 (P and Q heatmaps) needs a trained
-checkpoint: `python -m analysis.extract runs/sweep/full-L4-c1_3` draws it.
+have not been run yet are left empty with a note. Figure 4 (P and Q heatmaps of the 4-layer
+FULL model trained on σ ∈ {1, 3}) needs that cell's checkpoint: it is drawn, into the same
+directory, when `--figure4-run` (default runs/sweep/full-L4-c1_3) exists, and otherwise left
+as it is (a committed figure4.png stays valid: it is drawn from a committed cell's model).
 """
 
 import argparse
@@ -314,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paper-dir", default="runs/paper", help="the sweep's results (default runs/paper)"
     )
+    parser.add_argument(
+        "--figure4-run",
+        default="runs/sweep/full-L4-c1_3",
+        help="run directory of the 4-layer FULL model trained on {1,3} (Figure 4)",
+    )
     args = parser.parse_args(argv)
     paper_dir = pathlib.Path(args.paper_dir)
     if not (paper_dir / "table1.csv").is_file():
@@ -324,6 +331,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in draw_all(paper_dir):
         print(f"wrote {path}")
+    run4 = pathlib.Path(args.figure4_run)
+    if (run4 / "config.json").is_file():
+        from eqicl._run import RunDirError, load_model
+
+        from ._figures import plot_pq
+
+        try:
+            model, _ = load_model(run4)
+        except RunDirError as e:
+            print(f"error: Figure 4: {e}", file=sys.stderr)
+            return 2
+        p, q = model.pq()
+        print(f"wrote {plot_pq(p, q, paper_dir / 'figures' / 'figure4.png')} (from {run4})")
+    else:
+        print(f"Figure 4 not drawn: {run4} is not a trained run (see --figure4-run)")
     return 0
 
 

@@ -220,3 +220,9 @@ def test_posterior_mean_equals_the_oracle_weights(d):
     got32 = _kernel.posterior_mean(st.s.astype(jnp.float32), st.sigma.astype(jnp.float32))
     assert got32.dtype == jnp.float32
     np.testing.assert_allclose(got32.T, want, rtol=1e-4, atol=1e-5)
+
+
+def test_describe_says_which_implementation_runs():
+    train = eqicl.TrainConfig(devices=1)
+    assert _kernel.describe(train) == "statistics formulation (eqicl CPU kernel)"
+    assert "token equation" in _kernel.describe(eqicl.TrainConfig(formulation="tokens"))

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 
 import equinox as eqx
 import jax
@@ -139,8 +138,8 @@ def load() -> bool:
                 _POSTERIOR, jax.ffi.pycapsule(lib.EqiclPosterior), platform="cpu"
             )
         except Exception as err:  # noqa: BLE001 - any failure means: use the XLA path
+            # Not a warning: the training CLI prints which path runs (`describe`).
             _status["reason"] = f"could not build the kernel: {err}"
-            warnings.warn(f"eqicl: {_status['reason']}; using the XLA formulation", stacklevel=2)
             return False
         _status["ok"], _status["reason"] = True, "ok"
         return True
@@ -148,6 +147,21 @@ def load() -> bool:
 
 def reason() -> str:
     return _status["reason"]
+
+
+def describe(train) -> str:
+    """Which implementation a training run with these settings (a TrainConfig) takes."""
+    from ._parallel import num_devices
+
+    if train.formulation == "tokens":
+        return "the paper's token equation (XLA)"
+    if jax.default_backend() != "cpu":
+        return f"statistics formulation (XLA on {jax.default_backend()})"
+    if num_devices(train) > 1:
+        return "statistics formulation (XLA, sharded over the device mesh)"
+    if load():
+        return "statistics formulation (eqicl CPU kernel)"
+    return f"statistics formulation (XLA; CPU kernel not used: {reason()})"
 
 
 def usable() -> bool:

@@ -787,6 +787,9 @@ def run(
                 echo(f"{path} is finished; results in {eval_path}")
                 return result
         if start < config.train.steps:
+            from ._kernel import describe
+
+            echo(f"training step: {describe(config.train)}")
             try:
                 state = _train(config, path, state, progress, echo, warn)
             except _Diverged as e:
