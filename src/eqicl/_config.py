@@ -122,7 +122,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. `objective="exact"` trains on ½‖w^L − μ‖² (SPEC §5), `"sampled"` on
-    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it).
+    ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it): `loss_cap="hard"` as
+    min(ℓ, c), which gives a sequence beyond the cap no gradient at all, `"soft"` as
+    c·log(1 + ℓ/c), which bounds its pull but still pushes it down.
 
     `formulation="stats"` runs the forward pass on the D×D context statistics (Theorem 4.1,
     n-independent), through eqicl's compiled CPU kernel on a single CPU device and in XLA
@@ -153,6 +155,7 @@ class TrainConfig:
     b2: float = 0.999
     objective: Literal["exact", "sampled"] = "exact"
     loss_clip: float = 20.0
+    loss_cap: Literal["hard", "soft"] = "soft"
     dtype: Literal["float32", "float64"] = "float32"
     seeds: int = 1
     steps_per_call: int = 100
@@ -193,6 +196,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.clip must be finite and >= 0 (0 disables it), got {self.clip}"
             )
+        if self.loss_cap not in ("hard", "soft"):
+            raise ConfigError(f"train.loss_cap must be 'hard' or 'soft', got {self.loss_cap!r}")
         if not (0 <= self.loss_clip < math.inf):
             raise ConfigError(
                 f"train.loss_clip must be finite and >= 0 (0 disables it), got {self.loss_clip}"

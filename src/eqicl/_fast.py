@@ -276,9 +276,9 @@ def sample_stats(
     """`batch` sequences as statistics. `sampler="tokens"`: from `sample_batch` (the same
     sequences as the token formulation); `"wishart"`: S⁰ = G Z Gᵀ with Z ~ Wishart_D(n, I)
     drawn by the CPU kernel (Bartlett, see the module docstring), the cost independent of n.
-    Where the kernel does not apply (GPU, device mesh), `"wishart"` samples tokens: the same
-    distribution, other draws."""
-    if sampler == "tokens" or not _kernel.usable():
+    Off the CPU (or without the kernel), `"wishart"` samples tokens: the same distribution,
+    other draws."""
+    if sampler == "tokens" or not _kernel.sampler_usable():
         from ._task import sample_batch
 
         st = stats_from_batch(sample_batch(key, task, batch, dtype))
@@ -299,7 +299,7 @@ def sample_stats(
     top = jnp.concatenate([zxx, alpha[:, None]], axis=1)
     bottom = jnp.concatenate([alpha, lam[None]], axis=0)[None]
     s = jnp.concatenate([top, bottom], axis=0)
-    return Stats(s=s, xq=xq, yq=jnp.sum(xq * w, axis=0), sigma=sigma)
+    return Stats(s=_shard_batch(s), xq=_shard_batch(xq), yq=jnp.sum(xq * w, axis=0), sigma=sigma)
 
 
 # ---------------------------------------------------------------------------------------------

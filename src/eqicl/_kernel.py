@@ -175,6 +175,13 @@ def usable() -> bool:
     return load()
 
 
+def sampler_usable() -> bool:
+    """True when the kernel's sampler applies: the CPU backend and the kernel loaded. Unlike
+    the forward pass it also runs under a device mesh (XLA runs the custom call replicated,
+    then shards its output), so 1 and N CPU devices train on the same sequences."""
+    return jax.default_backend() == "cpu" and load()
+
+
 # ---------------------------------------------------------------------------------------------
 # The model as the kernel's operands.
 

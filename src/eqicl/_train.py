@@ -79,7 +79,7 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) -> Float[Array, ""]:
     """Training loss. `exact`: ½‖w^L − μ‖² (adjusted loss, no query or posterior noise);
-    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0).
+    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0), hard or soft (`loss_cap`).
 
     A `Stats` batch runs the statistics formulation (eqicl._fast, the default); a `Batch`
     runs the paper's token equation through `LinearTransformer` (the reference)."""
@@ -92,7 +92,9 @@ def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) 
     else:
         pred = jax.vmap(model.predict)(batch.x, batch.y, batch.xq)
         per_seq = 0.5 * (pred - batch.yq) ** 2
-    if train.loss_clip > 0:
+    if train.loss_clip > 0 and train.loss_cap == "soft":
+        per_seq = train.loss_clip * jnp.log1p(per_seq / train.loss_clip)
+    elif train.loss_clip > 0:
         per_seq = jnp.minimum(per_seq, train.loss_clip)
     return jnp.mean(per_seq)
 
