@@ -48,6 +48,7 @@ def test_cross_field_checks_run_after_all_overrides():
         (["task.noise=fixed", "task.sigma=-0.5"], "task.sigma must be finite and >= 0"),
         (["train.lr=0"], "train.lr must be positive"),
         (["train.checkpoint_every=15"], "must be a multiple of train.steps_per_call"),
+        (["train.loss_cap=gentle"], "train.loss_cap must be"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides, message):

@@ -4,6 +4,7 @@ import shutil
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 import pytest
 
@@ -126,3 +127,22 @@ def test_skipped_step_leaves_the_state_unchanged():
     assert int(new.step) == int(bad.step) + 1
     for x, y in zip(_arrays(new.model), _arrays(bad.model), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("cap", ["hard", "soft"])
+def test_loss_cap_closed_form(cap):
+    """The capped training loss is the mean of min(l, c) or c·log(1 + l/c) over sequences,
+    l = ½‖wᴸ − μ‖² computed independently here, in float64."""
+    from eqicl._train import loss_fn
+
+    task = eqicl.TaskConfig(d=4, n=9, sigma_max=2.0)
+    cfg = eqicl.ModelConfig(kind="diag", layers=2, init="normal", init_scale=0.5)
+    model = eqicl.init_transformer(jr.key(0), cfg, task, jnp.float64)
+    batch = eqicl.sample_batch(jr.key(1), task, 64, jnp.float64)
+    w = jax.vmap(model.implicit_weights)(batch.x, batch.y)[:, -1]
+    mu = jax.vmap(eqicl.oracle_weights)(batch.x, batch.y, batch.sigma)
+    per = 0.5 * np.sum((np.asarray(w) - np.asarray(mu)) ** 2, axis=1)
+    c = float(np.median(per))  # half the sequences above the cap
+    want = np.mean(np.minimum(per, c) if cap == "hard" else c * np.log1p(per / c))
+    train = eqicl.TrainConfig(loss_clip=c, loss_cap=cap, formulation="tokens")
+    np.testing.assert_allclose(float(loss_fn(model, batch, train)), want, rtol=1e-12)
