@@ -170,7 +170,7 @@ def time_eqicl(kind, layers, d, n, batch, steps, repeats, objective="sampled", *
     config = eqicl_config(kind, layers, d, n, batch, steps, objective)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
     chunk = make_train_chunk(config, steps)
-    members = jnp.arange(1)
+    members = jnp.arange(config.train.seeds)
     box = {"state": init_ensemble(config)}
 
     def call():
@@ -302,6 +302,18 @@ def main(argv=None) -> int:
             flush=True,
         )
 
+    print("\nseed ensembles (the sweep's setting: batch 512, exact objective, 1 vs 5 seeds):")
+    ensembles = []
+    for kind, layers in (("diag", 3), ("full", 7)):
+        one = time_eqicl(kind, layers, D_IN, N_CTX, 512, steps, repeats, "exact", seeds=1)
+        five = time_eqicl(kind, layers, D_IN, N_CTX, 512, steps, repeats, "exact", seeds=5)
+        ensembles.append({"model": kind, "layers": layers, "seeds_1": one, "seeds_5": five})
+        print(
+            f"  {kind.upper():<5}{layers:>2} layers: {one['step_s'] * 1e3:7.2f} ms/step with 1 seed, "
+            f"{five['step_s'] * 1e3:7.2f} with 5 ({five['step_s'] / one['step_s']:.1f}x)",
+            flush=True,
+        )
+
     ev = eval_throughput(20_000 if args.quick else 50_000, repeats)
     print(
         f"\nevaluation: adjusted loss (exact + sampled, every layer), DIAG 3 layers, "
@@ -321,6 +333,7 @@ def main(argv=None) -> int:
         "train_step": rows,
         "long_context": long_ctx,
         "long_context_token_sampler": tok,
+        "seed_ensembles": ensembles,
         "evaluation": ev,
         "notes": "times are seconds per training step (best of repeats); FLOPs are analytic "
         "(multiply-add = 2, backward = 2x forward); reference = SPEC §2 token einsum + Adam.",
