@@ -139,7 +139,8 @@ class TrainConfig:
 
     Divergence guard: a step whose loss or gradient is not finite is skipped. A seed that
     skips `max_skipped` steps since the last checkpoint, or whose mean loss over one jitted
-    call exceeds `explode_factor` × the median of its last calls, is rolled back with the
+    call exceeds `explode_factor` × the median of its last calls (and `explode_floor`: near a
+    tiny optimum, as for noiseless tasks, 10× spikes are noise, not divergence), is rolled back with the
     rest of the ensemble to the last good checkpoint and continues with its learning rate
     multiplied by `lr_backoff`; after `max_rollbacks` such rollbacks it is given up (left out
     of the best-of-seeds selection). 0 disables `max_skipped` / `explode_factor`.
@@ -167,6 +168,7 @@ class TrainConfig:
     devices: int = 0
     max_skipped: int = 10
     explode_factor: float = 10.0
+    explode_floor: float = 0.1
     lr_backoff: float = 0.5
     max_rollbacks: int = 5
 
@@ -205,6 +207,10 @@ class TrainConfig:
         for name in ("max_skipped", "max_rollbacks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.explode_floor < math.inf):
+            raise ConfigError(
+                f"train.explode_floor must be finite and >= 0, got {self.explode_floor}"
+            )
         if not (self.explode_factor == 0 or 1 < self.explode_factor < math.inf):
             raise ConfigError(
                 "train.explode_factor must be > 1 and finite (0 disables it), "

@@ -517,7 +517,7 @@ def _guard_reasons(state: TrainState, metrics: dict, train: TrainConfig) -> dict
         history = recent[m][np.isfinite(recent[m])]
         if train.explode_factor and math.isfinite(loss) and history.size >= 4:
             median = float(np.median(history))
-            if loss > train.explode_factor * median:
+            if loss > max(train.explode_factor * median, train.explode_floor):
                 reasons[m] = (
                     f"loss {loss:.4g} is {loss / median:.3g} x its running median {median:.4g}"
                 )
