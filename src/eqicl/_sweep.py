@@ -9,8 +9,10 @@ Cells already in `table1.csv` are skipped unless forced, so a sweep can run in p
 several machines, and be interrupted at any point.
 """
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -204,8 +206,26 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+@contextlib.contextmanager
+def _results_lock(paper_dir: pathlib.Path):
+    """Exclusive use of the results files while one is read, changed and rewritten, so that
+    sweeps of disjoint cells may run at the same time (e.g. one per noise setting)."""
+    paper_dir.mkdir(parents=True, exist_ok=True)
+    with open(paper_dir / ".results.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: dict) -> dict:
     """Add (or replace) one cell in table1.csv and write its cells/<name>.json."""
+    with _results_lock(paper_dir):
+        return _record_cell(paper_dir, cell, config, result)
+
+
+def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: dict) -> dict:
     table_path = paper_dir / "table1.csv"
     rows = read_table(table_path)
     ok = result.get("status") == "ok"
@@ -249,6 +269,11 @@ def record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: dic
 def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
     """Score the baselines once for a noise setting (same test sequences as the cells)."""
     result = evaluate_baselines(config)
+    with _results_lock(paper_dir):
+        _record_baselines(paper_dir, column, config, result)
+
+
+def _record_baselines(paper_dir: pathlib.Path, column: str, config: Config, result: dict) -> None:
     path = paper_dir / "baselines.csv"
     rows = read_baselines(paper_dir)
     table = paper_table()
