@@ -7,6 +7,7 @@ their own: after the first one, a tiny run costs seconds instead of a compile.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -501,3 +502,24 @@ def test_model_with_non_finite_predictions_is_reported_failed(tmp_path):
     assert "model" not in result
     assert json.loads((path / "eval.json").read_text())["status"] == "failed"
     assert _run.summary_table(config, result).startswith("FAILED:")
+
+
+def test_explosion_needs_the_floor_too():
+    """A call's mean loss 20x its running median is an explosion only above explode_floor:
+    near a tiny optimum (noiseless tasks) such spikes are noise."""
+    from eqicl._run import _guard_reasons
+    from eqicl._train import init_ensemble
+
+    config = eqicl.preset("tiny", ["train.seeds=1"])
+    state = init_ensemble(config)
+
+    def reasons(median, loss, floor):
+        train = dataclasses.replace(config.train, explode_floor=floor)
+        recent = np.full((1, state.recent.shape[1]), median, np.float64)
+        st = eqx.tree_at(lambda s: s.recent, state, jnp.asarray(recent, state.recent.dtype))
+        return _guard_reasons(st, {"loss": [loss]}, train)
+
+    assert reasons(1e-3, 2e-2, 0.1) == {}
+    assert 0 in reasons(1e-3, 2e-2, 0.0)
+    assert 0 in reasons(0.05, 1.0, 0.1)
+    assert reasons(0.05, 0.4, 0.1) == {}
