@@ -136,3 +136,26 @@ def test_figures_redraw_from_committed_files(swept):
     assert [p.name for p in paths] == [f"figure{i}.png" for i in (1, 2, 3, 5, 6, 7)]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_reused_test_data_gives_the_same_evaluation():
+    """Under reuse_test_data (the sweep), a second model scored on the cached sequences gets
+    the numbers it gets on freshly drawn ones."""
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+
+    import eqicl
+    from eqicl._evaluate import evaluate, reuse_test_data
+
+    config = eqicl.preset("tiny")
+    models = [
+        eqicl.init_transformer(jr.key(k), config.model, config.task, jnp.float64) for k in (0, 1)
+    ]
+    fresh = [evaluate(m, config, baselines=False) for m in models]
+    with reuse_test_data():
+        cached = [evaluate(m, config, baselines=False) for m in models]
+    for a, b in zip(fresh, cached, strict=True):
+        for key in ("adjusted_exact", "adjusted_sampled", "unadjusted"):
+            np.testing.assert_allclose(a["model"][key]["mean"], b["model"][key]["mean"], rtol=1e-12)
+        np.testing.assert_allclose(a["profile"]["model"], b["profile"]["model"], rtol=1e-11)
