@@ -10,6 +10,7 @@ as it is (a committed figure4.png stays valid: it is drawn from a committed cell
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 
@@ -37,14 +38,26 @@ BASE_STYLE = {
 }
 
 
+def _finite(value):
+    """The JSON value with every non-finite number as NaN (a model that blows up on some
+    sequences has an infinite profile point; matplotlib skips NaN, a log axis fails on inf)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return math.nan
+    return value
+
+
 def _cell(paper_dir: pathlib.Path, cell: Cell) -> dict | None:
     path = paper_dir / "cells" / f"{cell.name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return _finite(json.loads(path.read_text())) if path.exists() else None
 
 
 def _baseline(paper_dir: pathlib.Path, column: str) -> dict | None:
     path = paper_dir / "baselines" / f"{column_tag(column)}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return _finite(json.loads(path.read_text())) if path.exists() else None
 
 
 def _legend(ax):
@@ -122,16 +135,18 @@ def _profile_panel(ax, paper_dir, column, models, layers_list, title):
             )
             drew = True
     base = _baseline(paper_dir, column)
+    top = None
     if base is not None:
         for name, (label, color) in BASE_STYLE.items():
             if name in base["profile"]["baselines"]:
-                ax.plot(
-                    base["profile"]["sigma"],
-                    base["profile"]["baselines"][name],
-                    ls="--",
-                    color=color,
-                    label=label,
-                )
+                values = base["profile"]["baselines"][name]
+                ax.plot(base["profile"]["sigma"], values, ls="--", color=color, label=label)
+                finite = [v for v in values if math.isfinite(v)]
+                top = max([top or 0.0, *finite])
+    if top:
+        # Deep models extrapolate explosively beyond the training range (up to 1e263 at
+        # 1.5 σ_max): keep the axis on the range where the methods are compared.
+        ax.set_ylim(top=10 * top)
     if not drew:
         _empty(ax)
     ax.set_title(title)
