@@ -146,7 +146,8 @@ def _profile_panel(ax, paper_dir, column, models, layers_list, title):
     if top:
         # Deep models extrapolate explosively beyond the training range (up to 1e263 at
         # 1.5 σ_max): keep the axis on the range where the methods are compared.
-        ax.set_ylim(top=10 * top)
+        # Four decades below that: the baselines are 0 at σ = 0, which a log axis cannot show.
+        ax.set_ylim(1e-3 * top, 10 * top)
     if not drew:
         _empty(ax)
     ax.set_title(title)
