@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _kernel
 from ._config import TaskConfig
 from ._model import AbstractLinearAttention, LinearTransformer
-from ._task import Batch, sample_sigma
+from ._task import Batch, sample_batch, sample_sigma
 
 
 class Stats(eqx.Module):
@@ -279,8 +279,6 @@ def sample_stats(
     Off the CPU (or without the kernel), `"wishart"` samples tokens: the same distribution,
     other draws."""
     if sampler == "tokens" or not _kernel.sampler_usable():
-        from ._task import sample_batch
-
         st = stats_from_batch(sample_batch(key, task, batch, dtype))
         return Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
     d, n = task.d, task.n

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -102,20 +103,15 @@ struct Buf {
   ~Buf() { std::free(p); }
 };
 
-// Per-thread scratch: every layer's Sˡ and Tˡ, the readout rows, temporaries, and the
-// parameters broadcast to V lanes (so shared-parameter products use the same routine).
+// The layers' parameters broadcast to V lanes, so that shared-parameter products use the same
+// routine as per-sequence ones. Built once per call and read by every thread.
 template <typename T>
-struct Work {
+struct Params {
   static constexpr int V = Vec<T>::V;
-  Buf<T> s, t, rho, tmp, tmp2, g, ds, drho, dt, pb, qb, gp, gq;
-  Work(const Shape& sh, const T* p, const T* q, bool backward) {
+  Buf<T> pb, qb;
+  Params(const Shape& sh, const T* p, const T* q) {
     const int dp = sh.DP;
     const size_t m = size_t(dp) * dp * V;
-    s.assign((sh.L + 1) * m);
-    t.assign(sh.L * m);
-    rho.assign((sh.L + 1) * dp * V);
-    tmp.assign(m);
-    tmp2.assign(m);
     const int64_t D = sh.D, np = sh.L * sh.H;
     pb.assign(np * m);
     qb.assign(sh.mode == 0 ? np * m : 1);
@@ -126,7 +122,26 @@ struct Work {
             pb.p[h * m + (i * dp + j) * V + v] = p[(h * D + i) * D + j];
             if (sh.mode == 0) qb.p[h * m + (i * dp + j) * V + v] = q[(h * D + i) * D + j];
           }
+  }
+};
+
+// Per-thread scratch: every layer's Sˡ and Tˡ, the readout rows, temporaries and the
+// lane-wise parameter-gradient accumulators.
+template <typename T>
+struct Work {
+  static constexpr int V = Vec<T>::V;
+  const Params<T>& prm;
+  Buf<T> s, t, rho, tmp, tmp2, g, ds, drho, dt, gp, gq;
+  Work(const Shape& sh, const Params<T>& params, bool backward) : prm(params) {
+    const int dp = sh.DP;
+    const size_t m = size_t(dp) * dp * V;
+    s.assign((sh.L + 1) * m);
+    t.assign(sh.L * m);
+    rho.assign((sh.L + 1) * dp * V);
+    tmp.assign(m);
+    tmp2.assign(m);
     if (backward) {
+      const int64_t np = sh.L * sh.H;
       g.assign(m);
       ds.assign(m);
       dt.assign(m);
@@ -155,11 +170,11 @@ void forward_tile(const Shape& sh, const T* s0, int64_t b0, Work<T>& w, bool all
     T* tl = w.t.data() + l * m;
     if (sh.mode == 0) {
       for (int64_t h = 0; h < H; ++h) {
-        mm(w.tmp.data(), N(w.pb.data() + (l * H + h) * m, dp), N<T>(sl, dp), dp, false);
-        mm(tl, N<T>(w.tmp.data(), dp), N(w.qb.data() + (l * H + h) * m, dp), dp, h > 0);
+        mm(w.tmp.data(), N<T>(w.prm.pb.p + (l * H + h) * m, dp), N<T>(sl, dp), dp, false);
+        mm(tl, N<T>(w.tmp.data(), dp), N<T>(w.prm.qb.p + (l * H + h) * m, dp), dp, h > 0);
       }
     } else {
-      const T* wl = w.pb.data() + l * H * m;
+      const T* wl = w.prm.pb.p + l * H * m;
       for (size_t e = 0; e < m; ++e) tl[e] = wl[e] * sl[e];
     }
     for (int i = 0; i < D; ++i)
@@ -253,8 +268,8 @@ void backward_tile(const Shape& sh, const T* gw, int64_t b0, Work<T>& w, T* ds0)
     // Through Aˡ = op(Sˡ), dA = dT.
     if (sh.mode == 0) {
       for (int64_t h = 0; h < H; ++h) {
-        const T* ph = w.pb.data() + (l * H + h) * m;
-        const T* qh = w.qb.data() + (l * H + h) * m;
+        const T* ph = w.prm.pb.p + (l * H + h) * m;
+        const T* qh = w.prm.qb.p + (l * H + h) * m;
         T* gp = w.gp.data() + (l * H + h) * m;
         T* gq = w.gq.data() + (l * H + h) * m;
         mm(w.tmp.data(), N<T>(sl, dp), N<T>(qh, dp), dp, false);        // X = S Q
@@ -265,7 +280,7 @@ void backward_tile(const Shape& sh, const T* gw, int64_t b0, Work<T>& w, T* ds0)
         mm(w.ds.data(), Tr<T>(ph, dp), N<T>(w.tmp.data(), dp), dp, true);  // dS += Pᵀ Z
       }
     } else {
-      const T* wl = w.pb.data() + l * H * m;
+      const T* wl = w.prm.pb.p + l * H * m;
       T* gp = w.gp.data() + l * H * m;
       T* ds = w.ds.data();
       for (size_t e = 0; e < m; ++e) {
@@ -287,6 +302,18 @@ int num_threads(int64_t tiles) {
   return int(std::min<int64_t>(n, tiles));
 }
 
+// Runs job(0) .. job(nt - 1), each on its own thread (the caller's for nt = 1).
+template <typename F>
+void parallel(int nt, F&& job) {
+  if (nt == 1) {
+    job(0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int id = 0; id < nt; ++id) pool.emplace_back(job, id);
+  for (auto& th : pool) th.join();
+}
+
 template <typename T>
 void run(const Shape& sh, const T* s0, const T* p, const T* q, const T* gw, bool all_layers,
          T* out, T* ds0, T* dp, T* dq) {
@@ -294,22 +321,17 @@ void run(const Shape& sh, const T* s0, const T* p, const T* q, const T* gw, bool
   const bool backward = gw != nullptr;
   const int64_t tiles = (sh.B + V - 1) / V;
   const int nt = num_threads(tiles);
-  std::vector<Work<T>*> works(nt, nullptr);
+  const Params<T> params(sh, p, q);
+  std::vector<std::unique_ptr<Work<T>>> works(nt);
   auto job = [&](int id) {
-    Work<T>* w = new Work<T>(sh, p, q, backward);
-    works[id] = w;
+    works[id] = std::make_unique<Work<T>>(sh, params, backward);
+    Work<T>* w = works[id].get();
     for (int64_t t = id; t < tiles; t += nt) {
       forward_tile<T>(sh, s0, t * V, *w, all_layers, backward ? nullptr : out);
       if (backward) backward_tile<T>(sh, gw, t * V, *w, ds0);
     }
   };
-  if (nt == 1) {
-    job(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int id = 0; id < nt; ++id) pool.emplace_back(job, id);
-    for (auto& th : pool) th.join();
-  }
+  parallel(nt, job);
   if (backward) {
     const int dpad = sh.DP;
     const size_t m = size_t(dpad) * dpad * V;
@@ -328,14 +350,8 @@ void run(const Shape& sh, const T* s0, const T* p, const T* q, const T* gw, bool
           dq[(h * D + i) * D + j] = b;
         }
   }
-  for (auto* w : works) delete w;
 }
 
-template <typename T>
-void dispatch(const Shape& sh, const T* s0, const T* p, const T* q, const T* gw,
-              bool all_layers, T* out, T* ds0, T* dp, T* dq) {
-  run<T>(sh, s0, p, q, gw, all_layers, out, ds0, dp, dq);
-}
 
 
 // ---------------------------------------------------------------------------------------------
@@ -503,13 +519,7 @@ void sample_all(uint32_t k0, uint32_t k1, int64_t n, int D, int64_t B, int64_t m
         for (int col = 0; col < w; ++col) extra[e * B + b0 + col] = T(eb[e * W + col]);
     }
   };
-  if (nt == 1) {
-    job(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int id = 0; id < nt; ++id) pool.emplace_back(job, id);
-    for (auto& th : pool) th.join();
-  }
+  parallel(nt, job);
 }
 
 ffi::Error SampleImpl(ffi::Buffer<ffi::U32> key, ffi::Result<ffi::AnyBuffer> z,
@@ -582,13 +592,7 @@ void posterior_all(const T* s, const T* sigma, int D, int64_t B, T* mu) {
         for (int c = 0; c < w; ++c) mu[i * B + b0 + c] = T(r[i * W + c]);
     }
   };
-  if (nt == 1) {
-    job(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int id = 0; id < nt; ++id) pool.emplace_back(job, id);
-    for (auto& th : pool) th.join();
-  }
+  parallel(nt, job);
 }
 
 ffi::Error PosteriorImpl(ffi::AnyBuffer s, ffi::AnyBuffer sigma, ffi::Result<ffi::AnyBuffer> mu) {
@@ -636,10 +640,10 @@ ffi::Error ForwardImpl(ffi::AnyBuffer s0, ffi::AnyBuffer p, ffi::AnyBuffer q,
   Shape sh;
   if (auto e = check(s0, p, q, mode, &sh); e.failure()) return e;
   if (s0.element_type() == ffi::DataType::F32)
-    dispatch<float>(sh, s0.typed_data<float>(), p.typed_data<float>(), q.typed_data<float>(),
+    run<float>(sh, s0.typed_data<float>(), p.typed_data<float>(), q.typed_data<float>(),
                     nullptr, all_layers != 0, out->typed_data<float>(), nullptr, nullptr, nullptr);
   else if (s0.element_type() == ffi::DataType::F64)
-    dispatch<double>(sh, s0.typed_data<double>(), p.typed_data<double>(),
+    run<double>(sh, s0.typed_data<double>(), p.typed_data<double>(),
                      q.typed_data<double>(), nullptr, all_layers != 0,
                      out->typed_data<double>(), nullptr, nullptr, nullptr);
   else
@@ -657,11 +661,11 @@ ffi::Error BackwardImpl(ffi::AnyBuffer s0, ffi::AnyBuffer p, ffi::AnyBuffer q,
   if (dg.size() != 2 || dg[0] != sh.D - 1 || dg[1] != sh.B || g.element_type() != s0.element_type())
     return ffi::Error::InvalidArgument("eqicl kernel: g must be (D - 1, B) of s's dtype");
   if (s0.element_type() == ffi::DataType::F32)
-    dispatch<float>(sh, s0.typed_data<float>(), p.typed_data<float>(), q.typed_data<float>(),
+    run<float>(sh, s0.typed_data<float>(), p.typed_data<float>(), q.typed_data<float>(),
                     g.typed_data<float>(), false, nullptr, ds0->typed_data<float>(),
                     dp->typed_data<float>(), dq->typed_data<float>());
   else if (s0.element_type() == ffi::DataType::F64)
-    dispatch<double>(sh, s0.typed_data<double>(), p.typed_data<double>(),
+    run<double>(sh, s0.typed_data<double>(), p.typed_data<double>(),
                      q.typed_data<double>(), g.typed_data<double>(), false, nullptr,
                      ds0->typed_data<double>(), dp->typed_data<double>(),
                      dq->typed_data<double>());

@@ -31,6 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._model import AbstractDiagAttention, FullAttention, LinearTransformer
+from ._parallel import num_devices
 
 SOURCE = pathlib.Path(__file__).with_name("_kernel.cc")
 FLAGS = (
@@ -151,8 +152,6 @@ def reason() -> str:
 
 def describe(train) -> str:
     """Which implementation a training run with these settings (a TrainConfig) takes."""
-    from ._parallel import num_devices
-
     if train.formulation == "tokens":
         return "the paper's token equation (XLA)"
     if jax.default_backend() != "cpu":
@@ -196,16 +195,10 @@ def operands(
         p, q = eqx.filter_vmap(lambda layer: layer.pq())(layers)
         return 0, p, q
     if isinstance(layers, AbstractDiagAttention):
-        c = eqx.filter_vmap(lambda layer: layer.coefficients())(layers)  # (L, 4)
-        d = layers.dim
-        wxx, wxy, wyx, wyy = (c[:, i, None, None] for i in range(4))
-        ones = jnp.ones((1, d, d), c.dtype)
-        col = jnp.ones((1, d, 1), c.dtype)
-        top = jnp.concatenate([wxx * ones, wxy * col], axis=2)
-        bottom = jnp.concatenate(
-            [wyx * col.transpose(0, 2, 1), wyy * jnp.ones((1, 1, 1), c.dtype)], axis=2
-        )
-        w = jnp.concatenate([top, bottom], axis=1)[:, None]
+        # Tˡ = W ⊙ Sˡ with W read off the layer's own operator, which is linear in S.
+        big_d = layers.dim + 1
+        ones = jnp.ones((big_d, big_d), layers.p.dtype)
+        w = eqx.filter_vmap(lambda layer: layer.operator(ones))(layers)[:, None]
         return 1, w, jnp.zeros_like(w)
     raise TypeError(f"the kernel does not know the layer type {type(layers).__name__}")
 
