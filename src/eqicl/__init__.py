@@ -86,12 +86,16 @@ from ._model import (
 from ._model import (
     LinearTransformer as LinearTransformer,
 )
+from ._model import WeightsError as WeightsError
 from ._model import (
     context_statistics as context_statistics,
 )
 from ._model import (
     init_transformer as init_transformer,
 )
+from ._model import load_weights as load_weights
+from ._model import save_weights as save_weights
+from ._model import warm_transformer as warm_transformer
 from ._paper import paper_table as paper_table
 from ._paper import paper_value as paper_value
 from ._run import (

@@ -93,6 +93,13 @@ class ModelConfig:
     conditioned for Adam. `init="gd"` starts every layer as a stable gradient-descent step
     in those units plus `init_scale` noise; `init="normal"` draws all parameters
     N(0, init_scale²).
+
+    `init_from` (a weights file written by `eqicl.save_weights`, e.g. a Table 1 cell's
+    `runs/paper/weights/<cell>.npz`) starts from a trained model of the same task instead,
+    embedded exactly: one layer fewer of the same kind gets an identity layer in front
+    (P = `init_scale` noise, Q as in the GD start); the same depth of a narrower kind
+    (GD++ into DIAG or FULL, DIAG into FULL) is written in the wider parameterization, the new
+    degrees of freedom set to `init_scale` noise (FULL: noise on all of P).
     """
 
     kind: ModelKind = "diag"
@@ -101,6 +108,7 @@ class ModelConfig:
     units: Literal["scaled", "paper"] = "scaled"
     init: Literal["gd", "normal"] = "gd"
     init_scale: float = 1e-3
+    init_from: str = ""
 
     def __post_init__(self):
         if self.kind not in typing.get_args(ModelKind):

@@ -8,6 +8,8 @@ the same function class with each statistic measured in its typical size (SPEC �
 """
 
 import abc
+import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -249,7 +251,10 @@ def init_transformer(
     key: PRNGKeyArray, model: ModelConfig, task: TaskConfig, dtype=jnp.float32
 ) -> LinearTransformer:
     """A fresh transformer for `task`. With `init="gd"` every layer starts as the stable
-    gradient step of size 1/(n s), s² = d + E[σ²] (SPEC §8)."""
+    gradient step of size 1/(n s), s² = d + E[σ²] (SPEC §8). With `init_from`, the trained
+    model in that file, embedded (see `warm_transformer`)."""
+    if model.init_from:
+        return warm_transformer(key, model, task, dtype)
     scale_n, scale_s = units(model, task)
     gd_step = 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
     keys = jr.split(key, model.layers)
@@ -257,3 +262,149 @@ def init_transformer(
         lambda k: init_layer(k, model, task.d, scale_n, scale_s, gd_step, dtype)
     )(keys)
     return LinearTransformer(layers=layers, num_layers=model.layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights files and warm starts
+
+_KINDS = {FullAttention: "full", DiagAttention: "diag", GDPPAttention: "gdpp"}
+_WIDER = {"gdpp": ("gdpp",), "diag": ("gdpp", "diag"), "full": ("gdpp", "diag", "full")}
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read, or cannot start the model asked for."""
+
+
+def model_kind(model: LinearTransformer) -> str:
+    return _KINDS[type(model.layers)]
+
+
+def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
+    """Write a (single, not ensemble) model's parameters and their units to `path` (.npz,
+    no pickles), atomically. `meta` (numbers or strings) is stored beside them."""
+    import os
+    import pathlib
+
+    import numpy as np
+
+    layers = model.layers
+    arrays = {
+        name: np.asarray(getattr(layers, name))
+        for name in ("p", "q", "q_x")
+        if hasattr(layers, name)
+    }
+    info = {
+        "kind": model_kind(model),
+        "layers": model.num_layers,
+        "heads": int(arrays["p"].shape[1]),
+        "d": int(arrays["p"].shape[-1] - 1) if model_kind(model) == "full" else layers.dim,
+        "scale_n": layers.scale_n,
+        "scale_s": layers.scale_s,
+        **meta,
+    }
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays, **{f"meta.{k}": np.asarray(v) for k, v in info.items()})
+    os.replace(tmp, path)
+
+
+def load_weights(path) -> tuple[LinearTransformer, dict]:
+    """(model, meta) from a file written by `save_weights`."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read weights file {path}: {e}") from None
+    meta = {k[5:]: data.pop(k).item() for k in list(data) if k.startswith("meta.")}
+    try:
+        kind, d = meta["kind"], int(meta["d"])
+        units = dict(scale_n=float(meta["scale_n"]), scale_s=float(meta["scale_s"]))
+        if kind == "full":
+            layers = FullAttention(p=jnp.asarray(data["p"]), q=jnp.asarray(data["q"]), **units)
+        elif kind == "diag":
+            layers = DiagAttention(
+                p=jnp.asarray(data["p"]), q=jnp.asarray(data["q"]), dim=d, **units
+            )
+        elif kind == "gdpp":
+            layers = GDPPAttention(
+                p=jnp.asarray(data["p"]), q_x=jnp.asarray(data["q_x"]), dim=d, **units
+            )
+        else:
+            raise KeyError("kind")
+    except KeyError as e:
+        raise WeightsError(f"weights file {path} lacks {e}") from None
+    return LinearTransformer(layers=layers, num_layers=int(meta["layers"])), meta
+
+
+def _as_kind(source: LinearTransformer, kind: str, key: PRNGKeyArray, noise: float, dtype):
+    """The same function in the parameterization of `kind` (at least as wide as the source's),
+    the new degrees of freedom set to `noise`-scaled normals."""
+    layers = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_array(a) else a, source.layers)
+    have = model_kind(source)
+    units = dict(scale_n=layers.scale_n, scale_s=layers.scale_s)
+    if kind == have:
+        return layers
+    if kind == "full":
+        p, q = eqx.filter_vmap(lambda layer: layer.raw_pq())(layers)
+        p = p + noise * jr.normal(key, p.shape, dtype)
+        return FullAttention(p=p, q=q, **units)
+    # gdpp -> diag: q_y (zero in GD++) becomes a free parameter
+    q_y = noise * jr.normal(key, layers.q_x.shape, dtype)
+    return DiagAttention(
+        p=layers.p, q=jnp.stack([layers.q_x, q_y], axis=-1), dim=layers.dim, **units
+    )
+
+
+def warm_transformer(
+    key: PRNGKeyArray, model: ModelConfig, task: TaskConfig, dtype=jnp.float32
+) -> LinearTransformer:
+    """The model `model` asks for, started from the trained one in `model.init_from` (see
+    ModelConfig): an exact embedding plus `init_scale` noise on the new parameters."""
+    source, meta = load_weights(model.init_from)
+    where = f"model.init_from={model.init_from}"
+    have = model_kind(source)
+    scale_n, scale_s = units(model, task)
+    if (int(meta["d"]), int(meta["heads"])) != (task.d, model.heads):
+        raise WeightsError(
+            f"{where} has d={meta['d']}, heads={meta['heads']}; the run asks for "
+            f"d={task.d}, heads={model.heads}"
+        )
+    if not (
+        math.isclose(float(meta["scale_n"]), scale_n, rel_tol=1e-9)
+        and math.isclose(float(meta["scale_s"]), scale_s, rel_tol=1e-9)
+    ):
+        raise WeightsError(
+            f"{where} is in other units (n={meta['scale_n']}, s={meta['scale_s']:.6g}) than "
+            f"this run (n={scale_n}, s={scale_s:.6g}): it was trained for another noise setting"
+        )
+    if have not in _WIDER[model.kind]:
+        raise WeightsError(
+            f"{where} is a {have.upper()} model; it cannot start a {model.kind.upper()} one"
+        )
+    k_embed, k_new, k_id = jr.split(key, 3)
+    layers = _as_kind(source, model.kind, k_embed, model.init_scale, dtype)
+    if source.num_layers == model.layers:
+        return LinearTransformer(layers=layers, num_layers=model.layers)
+    if source.num_layers != model.layers - 1 or have != model.kind:
+        raise WeightsError(
+            f"{where} has {source.num_layers} {have.upper()} layers; it can start "
+            f"{source.num_layers} layers of a wider kind or {source.num_layers + 1} of its own"
+        )
+    gd_step = 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
+    fresh = init_layer(
+        k_new, dataclasses.replace(model, init="gd"), task.d, scale_n, scale_s, gd_step, dtype
+    )
+    # An identity layer: P = noise (so P S Q = 0 up to it), Q as in the GD start.
+    fresh = eqx.tree_at(
+        lambda layer: layer.p, fresh, model.init_scale * jr.normal(k_id, fresh.p.shape, dtype)
+    )
+    stacked = jax.tree.map(
+        lambda new, old: jnp.concatenate([new[None], old], axis=0) if eqx.is_array(new) else new,
+        fresh,
+        layers,
+    )
+    return LinearTransformer(layers=stacked, num_layers=model.layers)

@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import io
 import json
+import math
 import os
 import pathlib
 import time
@@ -41,6 +42,7 @@ TABLE_FIELDS = (
     "seeds",
     "lr",
     "best_seed",
+    "init",
     "train_seconds",
     "eval_seconds",
     "status",
@@ -111,10 +113,12 @@ def column_overrides(column: str) -> list[str]:
     return ["task.noise=uniform", f"task.sigma_max={task.sigma_max}"]
 
 
-def cell_config(cell: Cell, steps: int | None, seeds: int, extra: Sequence[str] = ()) -> Config:
+def cell_config(
+    cell: Cell, steps: int | None, seeds: int, extra: Sequence[str] = (), init_from: str = ""
+) -> Config:
     """The config the sweep trains for one cell: the default preset with the cell's model,
-    depth and noise, the recipe's learning rate and steps (`steps` overrides them), then the
-    user's overrides."""
+    depth and noise, the recipe's learning rate and steps (`steps` overrides them), the warm
+    start `init_from` (see `warm_start`), then the user's overrides."""
     overrides = [
         f"model.kind={cell.model}",
         f"model.layers={cell.layers}",
@@ -123,7 +127,42 @@ def cell_config(cell: Cell, steps: int | None, seeds: int, extra: Sequence[str] 
         *column_overrides(cell.column),
     ]
     overrides.append(f"train.steps={steps if steps is not None else recipe_steps(cell.layers)}")
+    if init_from:
+        overrides.append(f"model.init_from={init_from}")
     return preset("default", [*overrides, *extra])
+
+
+def weights_path(paper_dir: pathlib.Path, cell: Cell) -> pathlib.Path:
+    return paper_dir / "weights" / f"{cell.name}.npz"
+
+
+def start_candidates(cell: Cell) -> list[Cell]:
+    """The trained cells that embed exactly into `cell` (eqicl.warm_transformer): one layer
+    fewer of the same kind (plus an identity layer), and the same depth of a narrower kind."""
+    out = [Cell(cell.model, cell.layers - 1, cell.column)] if cell.layers > 1 else []
+    narrower = MODELS[: MODELS.index(cell.model)]
+    return out + [Cell(m, cell.layers, cell.column) for m in reversed(narrower)]
+
+
+def warm_start(paper_dir: pathlib.Path, cell: Cell) -> Cell | None:
+    """The recipe's start for `cell`: of the recorded candidates (`start_candidates`), the one
+    with the lowest validation loss (its best-of-seeds selection loss, held-out sequences,
+    never the test ones); None (the GD start) when none is recorded. A deeper or wider model
+    started there is at least as good as that candidate before its first step."""
+    from ._model import WeightsError, load_weights
+
+    best, best_loss = None, math.inf
+    for cand in start_candidates(cell):
+        path = weights_path(paper_dir, cand)
+        if not path.is_file():
+            continue
+        try:
+            loss = float(load_weights(path)[1]["select_loss"])
+        except (WeightsError, KeyError, ValueError):
+            continue
+        if math.isfinite(loss) and loss < best_loss:
+            best, best_loss = cand, loss
+    return best
 
 
 def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
@@ -244,6 +283,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
         "seeds": config.train.seeds,
         "lr": _fmt(config.train.lr),
         "best_seed": result.get("selection", {}).get("best", ""),
+        "init": _init_name(config),
         "train_seconds": f"{result.get('train_seconds', 0.0):.1f}",
         "eval_seconds": f"{result.get('eval_seconds', 0.0):.1f}",
         "status": result.get("status", "failed"),
@@ -264,6 +304,26 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
             },
         )
     return row
+
+
+def _init_name(config: Config) -> str:
+    src = config.model.init_from
+    return pathlib.Path(src).stem if src else config.model.init
+
+
+def record_weights(
+    paper_dir: pathlib.Path, cell: Cell, run_dir: pathlib.Path, result: dict
+) -> None:
+    """Save the selected seed's trained weights as `weights/<cell>.npz` (small; committed, so
+    later cells can start from them on any machine), with its validation loss."""
+    from ._model import save_weights
+    from ._run import load_model
+
+    selection = result["selection"]
+    model, _ = load_model(run_dir, member=selection["best"])
+    save_weights(
+        model, weights_path(paper_dir, cell), select_loss=selection["losses"][selection["best"]]
+    )
 
 
 def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
@@ -326,8 +386,12 @@ def sweep(
     force: bool = False,
     echo: Callable[[str], None] = print,
     progress: bool = True,
+    warm: bool = True,
 ) -> list[dict]:
-    """Train, evaluate and record every cell not yet recorded (all of them with `force`)."""
+    """Train, evaluate and record every cell not yet recorded (all of them with `force`).
+    With `warm` (the recipe), each cell starts from its best recorded candidate
+    (`warm_start`); cells run noise setting by noise setting, shallow before deep and GD++
+    before DIAG before FULL, so that every candidate is trained before the cells it starts."""
     from ._run import run
 
     for cell in cells:  # every config is checked before anything runs
@@ -362,7 +426,9 @@ def sweep(
     with reuse_test_data():
         try:
             for i, cell in enumerate(todo):
-                config = cell_config(cell, steps, seeds, extra)
+                start = warm_start(paper_dir, cell) if warm else None
+                init_from = str(weights_path(paper_dir, start)) if start else ""
+                config = cell_config(cell, steps, seeds, extra, init_from)
                 if bar is not None:
                     bar.set_postfix_str(cell.name)
                 result = run(
@@ -372,10 +438,12 @@ def sweep(
                     echo=lambda _: None,
                     baselines=False,
                 )
+                if result.get("status") == "ok":
+                    record_weights(paper_dir, cell, run_root / cell.name, result)
                 row = record_cell(paper_dir, cell, config, result)
                 out.append(row)
                 paper = f" (paper {row['paper']})" if row["paper"] else ""
-                msg = f"[{i + 1}/{len(todo)}] {cell.name}: {row['exact']} ± {row['exact_se']}{paper} {row['status']}, {float(row['train_seconds']):.0f} s train"
+                msg = f"[{i + 1}/{len(todo)}] {cell.name} (from {row['init']}): {row['exact']} ± {row['exact_se']}{paper} {row['status']}, {float(row['train_seconds']):.0f} s train"
                 if bar is not None:
                     bar.write(msg)
                     bar.update(weights[cell])

@@ -7,6 +7,10 @@ an interrupted cell resumes from its checkpoint. Examples:
     python -m eqicl.sweep                                   # all 210 cells
     python -m eqicl.sweep --models diag --layers 1-3 --noise 3,5
     python -m eqicl.sweep --list                            # what would run, and what is done
+
+Each cell starts from the best (on held-out sequences) of the recorded cells that embed
+exactly into it: one layer fewer of the same kind, or the same depth of GD++ / DIAG
+(`--cold`: from the GD initialization). Its trained weights go to runs/paper/weights/.
 """
 
 import argparse
@@ -42,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         help="config override applied to every cell (repeatable)",
     )
     parser.add_argument("--force", action="store_true", help="rerun cells already recorded")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every cell from the GD initialization, not from its best recorded "
+        "shallower or narrower cell (the recipe's warm start)",
+    )
     parser.add_argument("--run-root", default="runs/sweep", help="where cell run directories go")
     parser.add_argument("--paper-dir", default="runs/paper", help="where the committed results go")
     parser.add_argument(
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_jax()
     from ._run import RunDirError
-    from ._sweep import SweepError, cell_config, parse_cells, read_table, sweep
+    from ._sweep import SweepError, cell_config, parse_cells, read_table, sweep, warm_start
 
     try:
         if args.seeds < 1:
@@ -68,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             for cell in cells:
                 config = cell_config(cell, args.steps, args.seeds, args.overrides)
                 state = "recorded" if cell in done else "to run"
+                start = None if args.cold else warm_start(paper_dir, cell)
+                init = start.name if start else config.model.init
                 print(
-                    f"{cell.name:<16} {state:<9} steps={config.train.steps} lr={config.train.lr:g} seeds={config.train.seeds}"
+                    f"{cell.name:<16} {state:<9} steps={config.train.steps} lr={config.train.lr:g} seeds={config.train.seeds} start={init}"
                 )
             return 0
         sweep(
@@ -81,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides,
             force=args.force,
             progress=not args.no_progress,
+            warm=not args.cold,
         )
     except (SweepError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
