@@ -169,3 +169,110 @@ def test_jaxtyping_checks_are_active():
     x = jnp.zeros((5, 3), F64)
     with pytest.raises(Exception, match="(?i)type-check|shape|dimension"):
         eqicl.statistics(x, jnp.zeros((4,), F64))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights files and warm starts
+
+
+def _trained_like(kind, layers, tmp_path, heads=1, sigma_max=3.0):
+    """A random (init_scale 0.3, far from the GD start) model saved to a weights file."""
+    config = eqicl.preset(
+        "default",
+        [
+            f"model.kind={kind}",
+            f"model.layers={layers}",
+            f"model.heads={heads}",
+            "model.init_scale=0.3",
+            f"task.sigma_max={sigma_max}",
+        ],
+    )
+    model = eqicl.init_transformer(jr.key(layers), config.model, config.task, F64)
+    path = tmp_path / f"{kind}-{layers}.npz"
+    eqicl.save_weights(model, path, select_loss=0.25)
+    return model, path, config
+
+
+def _warm(kind, layers, path, tmp_path, noise=0.0, sigma_max=3.0, heads=1):
+    config = eqicl.preset(
+        "default",
+        [
+            f"model.kind={kind}",
+            f"model.layers={layers}",
+            f"model.heads={heads}",
+            f"model.init_scale={noise}",
+            f"model.init_from={path}",
+            f"task.sigma_max={sigma_max}",
+        ],
+    )
+    return eqicl.init_transformer(jr.key(99), config.model, config.task, F64), config
+
+
+def test_weights_file_round_trip(tmp_path):
+    for kind in ("gdpp", "diag", "full"):
+        model, path, _ = _trained_like(kind, 2, tmp_path, heads=2)
+        loaded, meta = eqicl.load_weights(path)
+        assert meta["select_loss"] == 0.25 and meta["kind"] == kind and meta["layers"] == 2
+        assert type(loaded.layers) is type(model.layers)
+        a = jax.tree.leaves(eqx.filter(model, eqx.is_array))
+        b = jax.tree.leaves(eqx.filter(loaded, eqx.is_array))
+        assert all(np.array_equal(u, v) and u.dtype == v.dtype for u, v in zip(a, b, strict=True))
+        assert (loaded.layers.scale_n, loaded.layers.scale_s) == (
+            model.layers.scale_n,
+            model.layers.scale_s,
+        )
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (("gdpp", 3), ("diag", 3)),
+        (("gdpp", 2), ("full", 2)),
+        (("diag", 3), ("full", 3)),
+        (("gdpp", 1), ("gdpp", 2)),
+        (("diag", 2), ("diag", 3)),
+        (("full", 2), ("full", 3)),
+        (("diag", 2), ("diag", 2)),
+    ],
+)
+def test_warm_start_is_an_exact_embedding(src, dst, tmp_path):
+    """Without noise the warm-started model computes exactly the source's function (the
+    implicit weights after the last layer, float64), and its new parameters are where the
+    docs say: an identity first layer (P = 0), q_y = 0, FULL's P and Q block-diagonal."""
+    source, path, config = _trained_like(*src, tmp_path)
+    model, _ = _warm(*dst, path, tmp_path)
+    assert model.num_layers == dst[1] and model.layers.__class__.__name__.lower().startswith(
+        {"gdpp": "gdpp", "diag": "diag", "full": "full"}[dst[0]]
+    )
+    b = eqicl.sample_batch(jr.key(3), config.task, 32, F64)
+    want = jax.vmap(source.implicit_weights)(b.x, b.y)[:, -1]
+    got = jax.vmap(model.implicit_weights)(b.x, b.y)[:, -1]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if dst[1] > src[1]:
+        assert jnp.all(model.layers.p[0] == 0)
+    if src == dst:  # a plain copy: nothing new to perturb
+        return
+    # with noise the function moves by O(noise) only
+    noisy, _ = _warm(*dst, path, tmp_path, noise=1e-6)
+    moved = jax.vmap(noisy.implicit_weights)(b.x, b.y)[:, -1]
+    assert 0 < float(jnp.max(jnp.abs(moved - want))) < 1e-3 * float(jnp.max(jnp.abs(want)))
+
+
+def test_warm_start_refuses_what_does_not_embed(tmp_path):
+    _, full2, _ = _trained_like("full", 2, tmp_path)
+    _, diag1, _ = _trained_like("diag", 1, tmp_path)
+    with pytest.raises(eqicl.WeightsError, match="cannot start a DIAG"):
+        _warm("diag", 2, full2, tmp_path)
+    with pytest.raises(eqicl.WeightsError, match="it can start"):
+        _warm("diag", 3, diag1, tmp_path)  # two layers more
+    with pytest.raises(eqicl.WeightsError, match="it can start"):
+        _warm("full", 2, diag1, tmp_path)  # wider and deeper at once
+    with pytest.raises(eqicl.WeightsError, match="another noise setting"):
+        _warm("diag", 2, diag1, tmp_path, sigma_max=5.0)
+    with pytest.raises(eqicl.WeightsError, match="heads=1"):
+        _warm("diag", 2, diag1, tmp_path, heads=2)
+    with pytest.raises(eqicl.WeightsError, match="cannot read"):
+        _warm("diag", 2, tmp_path / "missing.npz", tmp_path)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(eqicl.WeightsError, match="cannot read"):
+        _warm("diag", 2, tmp_path / "bad.npz", tmp_path)

@@ -2,11 +2,22 @@ import csv
 import io
 import json
 
+import jax.random as jr
 import pytest
 
 import eqicl
 from analysis.table import compare, verdict
-from eqicl._sweep import Cell, SweepError, cell_config, parse_cells, read_table, task_for
+from eqicl._sweep import (
+    Cell,
+    SweepError,
+    cell_config,
+    parse_cells,
+    read_table,
+    start_candidates,
+    task_for,
+    warm_start,
+    weights_path,
+)
 from eqicl.sweep import main
 
 SMALL = [
@@ -58,8 +69,8 @@ def test_verdicts():
 
 def test_duplicated_or_foreign_rows_are_refused(tmp_path):
     path = tmp_path / "table1.csv"
-    header = "method,layers,noise,adjusted,adjusted_se,exact,exact_se,paper,steps,seeds,lr,best_seed,train_seconds,eval_seconds,status\n"
-    row = "DIAG,3,3,0.08,0.001,0.08,0.001,0.087,10,1,0.03,0,1,1,ok\n"
+    header = "method,layers,noise,adjusted,adjusted_se,exact,exact_se,paper,steps,seeds,lr,best_seed,init,train_seconds,eval_seconds,status\n"
+    row = "DIAG,3,3,0.08,0.001,0.08,0.001,0.087,10,1,0.03,0,gd,1,1,ok\n"
     path.write_text(header + row + row)
     with pytest.raises(SweepError, match="recorded twice"):
         read_table(path)
@@ -73,9 +84,9 @@ def test_duplicated_or_foreign_rows_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """Two small GD++ cells swept end to end through the command line."""
+    """Four small cells (GD++ and DIAG, 1 layer) swept end to end through the command line."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    args = ["--models", "gdpp", "--layers", "1", "--noise", "0,{1;3}"]
+    args = ["--models", "gdpp,diag", "--layers", "1", "--noise", "0,{1;3}"]
     args += ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
     args += ["--no-progress"]
     for s in SMALL:
@@ -87,8 +98,17 @@ def swept(tmp_path_factory):
 def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
     tmp_path, args = swept
     rows = read_table(tmp_path / "paper" / "table1.csv")
-    assert set(rows) == {Cell("gdpp", 1, "0"), Cell("gdpp", 1, "{1;3}")}
+    assert set(rows) == {Cell(m, 1, c) for m in ("gdpp", "diag") for c in ("0", "{1;3}")}
     assert all(r["status"] == "ok" and float(r["exact_se"]) > 0 for r in rows.values())
+    # the warm start: DIAG starts from the GD++ cell of its column, GD++ from the GD step
+    assert rows[Cell("diag", 1, "{1;3}")]["init"] == "gdpp-L1-c1_3"
+    assert rows[Cell("gdpp", 1, "0")]["init"] == "gd"
+    run_config = eqicl.read_run_config(tmp_path / "runs" / "diag-L1-c1_3")
+    assert run_config.model.init_from.endswith("weights/gdpp-L1-c1_3.npz")
+    for name in ("gdpp-L1-u0", "diag-L1-c1_3"):
+        _, meta = eqicl.load_weights(tmp_path / "paper" / "weights" / f"{name}.npz")
+        sel = json.loads((tmp_path / "paper" / "cells" / f"{name}.json").read_text())["selection"]
+        assert meta["select_loss"] == sel["losses"][sel["best"]]
     cell = json.loads((tmp_path / "paper" / "cells" / "gdpp-L1-c1_3.json").read_text())
     assert len(cell["after_layer"]) == 1 and len(cell["profile"]["sigma"]) == 3
     base = list(csv.DictReader(io.StringIO((tmp_path / "paper" / "baselines.csv").read_text())))
@@ -96,10 +116,10 @@ def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
     capsys.readouterr()
     before = (tmp_path / "paper" / "table1.csv").read_text()
     assert main(args) == 0
-    assert "2 already in" in capsys.readouterr().out
+    assert "4 already in" in capsys.readouterr().out
     assert (tmp_path / "paper" / "table1.csv").read_text() == before
     text, counts = compare(tmp_path / "paper")
-    assert counts["missing"] == 208 and counts["matched"] + counts["beaten"] + counts["missed"] == 2
+    assert counts["missing"] == 206 and counts["matched"] + counts["beaten"] + counts["missed"] == 4
     assert "GD++ | 1 |" in text
 
 
@@ -159,3 +179,27 @@ def test_reused_test_data_gives_the_same_evaluation():
         for key in ("adjusted_exact", "adjusted_sampled", "unadjusted"):
             np.testing.assert_allclose(a["model"][key]["mean"], b["model"][key]["mean"], rtol=1e-12)
         np.testing.assert_allclose(a["profile"]["model"], b["profile"]["model"], rtol=1e-11)
+
+
+def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
+    """Candidates embed exactly; the choice is the lowest validation loss among the recorded
+    ones; nothing recorded means the GD start."""
+    cell = Cell("full", 3, "5")
+    assert start_candidates(cell) == [
+        Cell("full", 2, "5"),
+        Cell("diag", 3, "5"),
+        Cell("gdpp", 3, "5"),
+    ]
+    assert start_candidates(Cell("gdpp", 1, "0")) == []
+    assert warm_start(tmp_path, cell) is None
+    for cand, loss in [(Cell("full", 2, "5"), 0.3), (Cell("gdpp", 3, "5"), 0.2)]:
+        config = cell_config(cand, None, 1)
+        model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+        eqicl.save_weights(model, weights_path(tmp_path, cand), select_loss=loss)
+    assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")
+    config = cell_config(Cell("diag", 3, "5"), None, 1)
+    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+    eqicl.save_weights(model, weights_path(tmp_path, Cell("diag", 3, "5")), select_loss=0.1)
+    assert warm_start(tmp_path, cell) == Cell("diag", 3, "5")
+    weights_path(tmp_path, Cell("diag", 3, "5")).write_bytes(b"damaged")
+    assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")

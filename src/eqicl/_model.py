@@ -323,15 +323,18 @@ def load_weights(path) -> tuple[LinearTransformer, dict]:
     try:
         kind, d = meta["kind"], int(meta["d"])
         units = dict(scale_n=float(meta["scale_n"]), scale_s=float(meta["scale_s"]))
+        # Built under vmap: the constructors' shape checks are per layer.
         if kind == "full":
-            layers = FullAttention(p=jnp.asarray(data["p"]), q=jnp.asarray(data["q"]), **units)
+            layers = eqx.filter_vmap(lambda p, q: FullAttention(p=p, q=q, **units))(
+                jnp.asarray(data["p"]), jnp.asarray(data["q"])
+            )
         elif kind == "diag":
-            layers = DiagAttention(
-                p=jnp.asarray(data["p"]), q=jnp.asarray(data["q"]), dim=d, **units
+            layers = eqx.filter_vmap(lambda p, q: DiagAttention(p=p, q=q, dim=d, **units))(
+                jnp.asarray(data["p"]), jnp.asarray(data["q"])
             )
         elif kind == "gdpp":
-            layers = GDPPAttention(
-                p=jnp.asarray(data["p"]), q_x=jnp.asarray(data["q_x"]), dim=d, **units
+            layers = eqx.filter_vmap(lambda p, q: GDPPAttention(p=p, q_x=q, dim=d, **units))(
+                jnp.asarray(data["p"]), jnp.asarray(data["q_x"])
             )
         else:
             raise KeyError("kind")
@@ -351,11 +354,11 @@ def _as_kind(source: LinearTransformer, kind: str, key: PRNGKeyArray, noise: flo
     if kind == "full":
         p, q = eqx.filter_vmap(lambda layer: layer.raw_pq())(layers)
         p = p + noise * jr.normal(key, p.shape, dtype)
-        return FullAttention(p=p, q=q, **units)
+        return eqx.filter_vmap(lambda p, q: FullAttention(p=p, q=q, **units))(p, q)
     # gdpp -> diag: q_y (zero in GD++) becomes a free parameter
-    q_y = noise * jr.normal(key, layers.q_x.shape, dtype)
-    return DiagAttention(
-        p=layers.p, q=jnp.stack([layers.q_x, q_y], axis=-1), dim=layers.dim, **units
+    q = jnp.stack([layers.q_x, noise * jr.normal(key, layers.q_x.shape, dtype)], axis=-1)
+    return eqx.filter_vmap(lambda p, q: DiagAttention(p=p, q=q, dim=layers.dim, **units))(
+        layers.p, q
     )
 
 
