@@ -3,9 +3,9 @@
 Drawn only from the sweep's small committed files (table1.csv, cells/*.json,
 baselines/*.json), so they redraw on a fresh clone without checkpoints. Panels whose cells
 have not been run yet are left empty with a note. Figure 4 (P and Q heatmaps of the 4-layer
-FULL model trained on σ ∈ {1, 3}) needs that cell's checkpoint: it is drawn, into the same
-directory, when `--figure4-run` (default runs/sweep/full-L4-c1_3) exists, and otherwise left
-as it is (a committed figure4.png stays valid: it is drawn from a committed cell's model).
+FULL model trained on σ ∈ {1, 3}) is drawn from that cell's trained
+weights, which the sweep commits (`runs/paper/weights/full-L4-c1_3.npz`, or `--figure4-run` a run
+directory or weights file), so it too redraws on a fresh clone.
 """
 
 import argparse
@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--figure4-run",
-        default="runs/sweep/full-L4-c1_3",
-        help="run directory of the 4-layer FULL model trained on {1,3} (Figure 4)",
+        default=None,
+        help="the 4-layer FULL model trained on {1,3} for Figure 4: a run directory or a "
+        "weights .npz (default: the sweep's committed <paper-dir>/weights/full-L4-c1_3.npz)",
     )
     args = parser.parse_args(argv)
     paper_dir = pathlib.Path(args.paper_dir)
@@ -347,21 +348,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in draw_all(paper_dir):
         print(f"wrote {path}")
-    run4 = pathlib.Path(args.figure4_run)
-    if (run4 / "config.json").is_file():
-        from eqicl._run import RunDirError, load_model
+    run4 = pathlib.Path(args.figure4_run or paper_dir / "weights" / "full-L4-c1_3.npz")
+    from eqicl._model import WeightsError, load_weights
+    from eqicl._run import RunDirError, load_model
 
-        from ._figures import plot_pq
+    from ._figures import plot_pq
 
-        try:
+    try:
+        if run4.suffix == ".npz" and run4.is_file():
+            model, _ = load_weights(run4)
+        elif (run4 / "config.json").is_file():
             model, _ = load_model(run4)
-        except RunDirError as e:
-            print(f"error: Figure 4: {e}", file=sys.stderr)
-            return 2
-        p, q = model.pq()
-        print(f"wrote {plot_pq(p, q, paper_dir / 'figures' / 'figure4.png')} (from {run4})")
-    else:
-        print(f"Figure 4 not drawn: {run4} is not a trained run (see --figure4-run)")
+        else:
+            print(f"Figure 4 not drawn: {run4} is neither a weights file nor a trained run")
+            return 0
+    except (RunDirError, WeightsError) as e:
+        print(f"error: Figure 4: {e}", file=sys.stderr)
+        return 2
+    p, q = model.pq()
+    print(f"wrote {plot_pq(p, q, paper_dir / 'figures' / 'figure4.png')} (from {run4})")
     return 0
 
 

@@ -158,6 +158,25 @@ def test_figures_redraw_from_committed_files(swept):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
 
+def test_figure4_redraws_from_the_committed_weights(tmp_path, capsys):
+    """Figure 4 needs no checkpoint: the sweep's weights file of the FULL 4-layer {1;3} cell."""
+    from analysis.figures import main as figures_main
+
+    paper = tmp_path / "paper"
+    (paper / "table1.csv").parent.mkdir(parents=True)
+    (paper / "table1.csv").write_text(",".join(eqicl._sweep.TABLE_FIELDS) + "\n")
+    cell = Cell("full", 4, "{1;3}")
+    config = cell_config(cell, None, 1)
+    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+    eqicl.save_weights(model, weights_path(paper, cell), select_loss=0.1)
+    assert figures_main(["--paper-dir", str(paper)]) == 0
+    assert "figure4.png (from" in capsys.readouterr().out
+    assert (paper / "figures" / "figure4.png").read_bytes()[:4] == b"\x89PNG"
+    weights_path(paper, cell).write_bytes(b"damaged")
+    assert figures_main(["--paper-dir", str(paper)]) == 2
+    assert "Figure 4" in capsys.readouterr().err
+
+
 def test_reused_test_data_gives_the_same_evaluation():
     """Under reuse_test_data (the sweep), a second model scored on the cached sequences gets
     the numbers it gets on freshly drawn ones."""
