@@ -276,3 +276,16 @@ def test_warm_start_refuses_what_does_not_embed(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(eqicl.WeightsError, match="cannot read"):
         _warm("diag", 2, tmp_path / "bad.npz", tmp_path)
+
+
+def test_train_command_refuses_a_bad_warm_start_before_writing(tmp_path, capsys):
+    from eqicl.train import main
+
+    _, diag1, _ = _trained_like("diag", 1, tmp_path)
+    for bad in (tmp_path / "missing.npz", diag1):  # missing; trained for sigma_max=3, not 1
+        run_dir = tmp_path / "run"
+        args = ["--preset", "default", "--run-dir", str(run_dir), "--set", f"model.init_from={bad}"]
+        assert main([*args, "--set", "task.sigma_max=1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1
+        assert not run_dir.exists()

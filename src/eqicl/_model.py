@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._config import ModelConfig, TaskConfig
+from ._config import ConfigError, ModelConfig, TaskConfig
 
 
 def _unit_diag(d: int, s: float, dtype) -> Float[Array, " D"]:
@@ -271,8 +271,9 @@ _KINDS = {FullAttention: "full", DiagAttention: "diag", GDPPAttention: "gdpp"}
 _WIDER = {"gdpp": ("gdpp",), "diag": ("gdpp", "diag"), "full": ("gdpp", "diag", "full")}
 
 
-class WeightsError(ValueError):
-    """A weights file that cannot be read, or cannot start the model asked for."""
+class WeightsError(ConfigError):
+    """A weights file that cannot be read, or cannot start the model asked for (a bad
+    `model.init_from`)."""
 
 
 def model_kind(model: LinearTransformer) -> str:

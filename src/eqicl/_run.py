@@ -762,6 +762,8 @@ def run(
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
     SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
+    if config.model.init_from:  # a bad warm start is refused before anything is written
+        eqx.filter_eval_shape(init_ensemble, config)
     path = check_run_dir(run_dir, config)
     try:
         path.mkdir(parents=True, exist_ok=True)
