@@ -222,3 +222,17 @@ def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
     assert warm_start(tmp_path, cell) == Cell("diag", 3, "5")
     weights_path(tmp_path, Cell("diag", 3, "5")).write_bytes(b"damaged")
     assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")
+
+
+def test_an_interrupted_cell_resumes_with_the_start_it_had(tmp_path):
+    """A cell whose run directory exists keeps its recorded start, even if a better one has
+    been recorded since (otherwise its config would differ and the run be refused)."""
+    from eqicl._run import prepare_run_dir
+    from eqicl._sweep import _resumed_config
+
+    cell = Cell("diag", 2, "3")
+    started = cell_config(cell, None, 1, SMALL, "runs/paper/weights/diag-L1-u3.npz")
+    prepare_run_dir(tmp_path / cell.name, started)
+    assert _resumed_config(tmp_path / cell.name, cell, None, 1, SMALL) == started
+    assert _resumed_config(tmp_path / cell.name, cell, None, 2, SMALL) is None  # other recipe
+    assert _resumed_config(tmp_path / "nothing", cell, None, 1, SMALL) is None

@@ -311,6 +311,27 @@ def _init_name(config: Config) -> str:
     return pathlib.Path(src).stem if src else config.model.init
 
 
+def _resumed_config(
+    run_dir: pathlib.Path, cell: Cell, steps: int | None, seeds: int, extra: Sequence[str]
+) -> Config | None:
+    """The config of an interrupted cell's run directory if it is this recipe's with some
+    start: the cell resumes from where it was, even if a better start has been recorded
+    since. None if there is no such run directory."""
+    from ._run import RunDirError, read_run_config
+
+    if not (run_dir / "config.json").is_file():
+        return None
+    try:
+        config = read_run_config(run_dir)
+    except (RunDirError, ConfigError):
+        return None
+    try:
+        same = cell_config(cell, steps, seeds, extra, config.model.init_from)
+    except ConfigError:
+        return None
+    return config if same == config else None
+
+
 def record_weights(
     paper_dir: pathlib.Path, cell: Cell, run_dir: pathlib.Path, result: dict
 ) -> None:
@@ -426,9 +447,11 @@ def sweep(
     with reuse_test_data():
         try:
             for i, cell in enumerate(todo):
-                start = warm_start(paper_dir, cell) if warm else None
-                init_from = str(weights_path(paper_dir, start)) if start else ""
-                config = cell_config(cell, steps, seeds, extra, init_from)
+                config = _resumed_config(run_root / cell.name, cell, steps, seeds, extra)
+                if config is None:
+                    start = warm_start(paper_dir, cell) if warm else None
+                    init_from = str(weights_path(paper_dir, start)) if start else ""
+                    config = cell_config(cell, steps, seeds, extra, init_from)
                 if bar is not None:
                     bar.set_postfix_str(cell.name)
                 result = run(
