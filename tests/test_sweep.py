@@ -220,6 +220,10 @@ def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
     model = eqicl.init_transformer(jr.key(0), config.model, config.task)
     eqicl.save_weights(model, weights_path(tmp_path, Cell("diag", 3, "5")), select_loss=0.1)
     assert warm_start(tmp_path, cell) == Cell("diag", 3, "5")
+    # a candidate that cannot start this cell's config (two heads asked for) is passed over
+    two_heads = cell_config(cell, None, 1, ["model.heads=2"])
+    assert warm_start(tmp_path, cell, two_heads) is None
+    assert warm_start(tmp_path, cell, cell_config(cell, None, 1)) == Cell("diag", 3, "5")
     weights_path(tmp_path, Cell("diag", 3, "5")).write_bytes(b"damaged")
     assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")
 

@@ -144,12 +144,17 @@ def start_candidates(cell: Cell) -> list[Cell]:
     return out + [Cell(m, cell.layers, cell.column) for m in reversed(narrower)]
 
 
-def warm_start(paper_dir: pathlib.Path, cell: Cell) -> Cell | None:
+def warm_start(paper_dir: pathlib.Path, cell: Cell, config: Config | None = None) -> Cell | None:
     """The recipe's start for `cell`: of the recorded candidates (`start_candidates`), the one
     with the lowest validation loss (its best-of-seeds selection loss, held-out sequences,
     never the test ones); None (the GD start) when none is recorded. A deeper or wider model
-    started there is at least as good as that candidate before its first step."""
-    from ._model import WeightsError, load_weights
+    started there is at least as good as that candidate before its first step. With the
+    cell's `config`, candidates that cannot start it (e.g. recorded with other `--set`
+    overrides: another head count) are passed over."""
+    import equinox as eqx
+    import jax.random as jr
+
+    from ._model import WeightsError, load_weights, warm_transformer
 
     best, best_loss = None, math.inf
     for cand in start_candidates(cell):
@@ -158,6 +163,9 @@ def warm_start(paper_dir: pathlib.Path, cell: Cell) -> Cell | None:
             continue
         try:
             loss = float(load_weights(path)[1]["select_loss"])
+            if config is not None:
+                model = dataclasses.replace(config.model, init_from=str(path))
+                eqx.filter_eval_shape(warm_transformer, jr.key(0), model, config.task)
         except (WeightsError, KeyError, ValueError):
             continue
         if math.isfinite(loss) and loss < best_loss:
@@ -449,9 +457,11 @@ def sweep(
             for i, cell in enumerate(todo):
                 config = _resumed_config(run_root / cell.name, cell, steps, seeds, extra)
                 if config is None:
-                    start = warm_start(paper_dir, cell) if warm else None
-                    init_from = str(weights_path(paper_dir, start)) if start else ""
-                    config = cell_config(cell, steps, seeds, extra, init_from)
+                    config = cell_config(cell, steps, seeds, extra)
+                    start = warm_start(paper_dir, cell, config) if warm else None
+                    if start is not None:
+                        path = str(weights_path(paper_dir, start))
+                        config = cell_config(cell, steps, seeds, extra, path)
                 if bar is not None:
                     bar.set_postfix_str(cell.name)
                 result = run(

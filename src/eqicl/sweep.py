@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             for cell in cells:
                 config = cell_config(cell, args.steps, args.seeds, args.overrides)
                 state = "recorded" if cell in done else "to run"
-                start = None if args.cold else warm_start(paper_dir, cell)
+                start = None if args.cold else warm_start(paper_dir, cell, config)
                 init = start.name if start else config.model.init
                 print(
                     f"{cell.name:<16} {state:<9} steps={config.train.steps} lr={config.train.lr:g} seeds={config.train.seeds} start={init}"
