@@ -101,15 +101,14 @@ def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
     assert set(rows) == {Cell(m, 1, c) for m in ("gdpp", "diag") for c in ("0", "{1;3}")}
     assert all(r["status"] == "ok" and float(r["exact_se"]) > 0 for r in rows.values())
     # the warm start: DIAG starts from the GD++ cell of its column, GD++ from the GD step
-    assert rows[Cell("diag", 1, "{1;3}")]["init"].startswith("gdpp-L1-c1_3")
+    assert rows[Cell("diag", 1, "{1;3}")]["init"] == "gdpp-L1-c1_3"
     assert rows[Cell("gdpp", 1, "0")]["init"] == "gd"
     run_config = eqicl.read_run_config(tmp_path / "runs" / "diag-L1-c1_3")
     assert run_config.model.init_from.endswith("weights/gdpp-L1-c1_3.npz")
     for name in ("gdpp-L1-u0", "diag-L1-c1_3"):
         _, meta = eqicl.load_weights(tmp_path / "paper" / "weights" / f"{name}.npz")
         sel = json.loads((tmp_path / "paper" / "cells" / f"{name}.json").read_text())["selection"]
-        kept = sel.get("kept_start", False)
-        assert meta["select_loss"] == (sel["start_loss"] if kept else sel["losses"][sel["best"]])
+        assert meta["select_loss"] == sel["losses"][sel["best"]]
     cell = json.loads((tmp_path / "paper" / "cells" / "gdpp-L1-c1_3.json").read_text())
     assert len(cell["after_layer"]) == 1 and len(cell["profile"]["sigma"]) == 3
     base = list(csv.DictReader(io.StringIO((tmp_path / "paper" / "baselines.csv").read_text())))
@@ -241,26 +240,3 @@ def test_an_interrupted_cell_resumes_with_the_start_it_had(tmp_path):
     assert _resumed_config(tmp_path / cell.name, cell, None, 1, SMALL) == started
     assert _resumed_config(tmp_path / cell.name, cell, None, 2, SMALL) is None  # other recipe
     assert _resumed_config(tmp_path / "nothing", cell, None, 1, SMALL) is None
-
-
-def test_a_cell_keeps_its_start_when_training_made_it_worse(tmp_path):
-    """keep_better_start compares validation losses (same held-out sequences) and, when the
-    start is better, scores the start's exact embedding in place of the trained model."""
-    from eqicl._sweep import keep_better_start
-
-    start_cell, cell = Cell("diag", 1, "3"), Cell("full", 1, "3")
-    start_config = cell_config(start_cell, None, 1, SMALL)
-    start = eqicl.init_transformer(jr.key(0), start_config.model, start_config.task)
-    path = weights_path(tmp_path, start_cell)
-    eqicl.save_weights(start, path, select_loss=0.4)
-    config = cell_config(cell, None, 1, SMALL, str(path))
-    trained = {"status": "ok", "selection": {"losses": [0.5], "best": 0}, "train_seconds": 3.0}
-    result, model, loss = keep_better_start(config, trained)
-    assert loss == 0.4 and result["selection"]["kept_start"] and result["train_seconds"] == 3.0
-    assert type(model.layers) is eqicl.FullAttention
-    direct = eqicl.evaluate(start, start_config, baselines=False)["model"]["adjusted_exact"]
-    assert result["model"]["adjusted_exact"]["mean"] == pytest.approx(direct["mean"], rel=1e-6)
-    better = {**trained, "selection": {"losses": [0.3], "best": 0}}
-    assert keep_better_start(config, better) == (better, None, 0.3)
-    cold = cell_config(cell, None, 1, SMALL)
-    assert keep_better_start(cold, trained) == (trained, None, 0.5)

@@ -291,8 +291,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
         "seeds": config.train.seeds,
         "lr": _fmt(config.train.lr),
         "best_seed": result.get("selection", {}).get("best", ""),
-        "init": _init_name(config)
-        + (" (kept)" if result.get("selection", {}).get("kept_start") else ""),
+        "init": _init_name(config),
         "train_seconds": f"{result.get('train_seconds', 0.0):.1f}",
         "eval_seconds": f"{result.get('eval_seconds', 0.0):.1f}",
         "status": result.get("status", "failed"),
@@ -341,47 +340,19 @@ def _resumed_config(
     return config if same == config else None
 
 
-def keep_better_start(config: Config, result: dict):
-    """The recipe's last step. A warm-started cell whose trained model has a higher validation
-    loss than its start (the same held-out sequences: they depend only on the task and
-    `eval.seed`) keeps the start: its exact embedding, a model of the cell's own class, scored
-    like any trained one. Returns (result, model, validation loss); the model is the one to
-    record, None for the run's own selected seed."""
-    import jax.numpy as jnp
-    import jax.random as jr
-
-    from ._evaluate import evaluate
-    from ._model import load_weights, warm_transformer
-
-    selection = result.get("selection") or {}
-    if result.get("status") != "ok" or not config.model.init_from:
-        return result, None, selection.get("losses", [math.nan])[selection.get("best", 0)]
-    trained = float(selection["losses"][selection["best"]])
-    start = float(load_weights(config.model.init_from)[1]["select_loss"])
-    if not start < trained:
-        return result, None, trained
-    exact = dataclasses.replace(config.model, init_scale=0.0)
-    model = warm_transformer(jr.key(0), exact, config.task, jnp.float32)
-    t0 = time.perf_counter()
-    kept = evaluate(model, config, baselines=False)
-    if not kept["model"]["finite"]:
-        return result, None, trained
-    kept.update(
-        status="ok",
-        eval_seconds=time.perf_counter() - t0 + result.get("eval_seconds", 0.0),
-        train_seconds=result.get("train_seconds", 0.0),
-        steps=result.get("steps"),
-        selection={**selection, "kept_start": True, "start_loss": start, "trained_loss": trained},
-    )
-    return kept, model, start
-
-
-def record_weights(paper_dir: pathlib.Path, cell: Cell, model, select_loss: float) -> None:
-    """Save a cell's recorded model as `weights/<cell>.npz` (small; committed, so later cells
-    can start from it on any machine), with its validation loss."""
+def record_weights(
+    paper_dir: pathlib.Path, cell: Cell, run_dir: pathlib.Path, result: dict
+) -> None:
+    """Save the selected seed's trained weights as `weights/<cell>.npz` (small; committed, so
+    later cells can start from them on any machine), with its validation loss."""
     from ._model import save_weights
+    from ._run import load_model
 
-    save_weights(model, weights_path(paper_dir, cell), select_loss=select_loss)
+    selection = result["selection"]
+    model, _ = load_model(run_dir, member=selection["best"])
+    save_weights(
+        model, weights_path(paper_dir, cell), select_loss=selection["losses"][selection["best"]]
+    )
 
 
 def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
@@ -450,7 +421,7 @@ def sweep(
     With `warm` (the recipe), each cell starts from its best recorded candidate
     (`warm_start`); cells run noise setting by noise setting, shallow before deep and GD++
     before DIAG before FULL, so that every candidate is trained before the cells it starts."""
-    from ._run import load_model, run
+    from ._run import run
 
     for cell in cells:  # every config is checked before anything runs
         try:
@@ -501,11 +472,7 @@ def sweep(
                     baselines=False,
                 )
                 if result.get("status") == "ok":
-                    result, model, loss = keep_better_start(config, result)
-                    if model is None:
-                        best = result["selection"]["best"]
-                        model, _ = load_model(run_root / cell.name, member=best)
-                    record_weights(paper_dir, cell, model, loss)
+                    record_weights(paper_dir, cell, run_root / cell.name, result)
                 row = record_cell(paper_dir, cell, config, result)
                 out.append(row)
                 paper = f" (paper {row['paper']})" if row["paper"] else ""
