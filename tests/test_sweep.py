@@ -240,3 +240,39 @@ def test_an_interrupted_cell_resumes_with_the_start_it_had(tmp_path):
     assert _resumed_config(tmp_path / cell.name, cell, None, 1, SMALL) == started
     assert _resumed_config(tmp_path / cell.name, cell, None, 2, SMALL) is None  # other recipe
     assert _resumed_config(tmp_path / "nothing", cell, None, 1, SMALL) is None
+
+
+def test_merge_keeps_the_pass_with_the_lower_validation_loss(tmp_path, capsys):
+    """Cell by cell, the lower validation loss wins (never the test loss); its row, cell file
+    and weights are copied and the row names the pass; a pass missing a cell does not count."""
+    from eqicl._sweep import TABLE_FIELDS, _write_csv
+
+    cells = [Cell("diag", 2, "3"), Cell("full", 2, "3")]
+    # (validation, test) per pass: cold wins DIAG on validation although its test loss is worse
+    losses = {"cold": {cells[0]: (0.1, 0.9), cells[1]: (0.5, 0.1)}, "warm": {cells[0]: (0.2, 0.05)}}
+    losses["warm"][cells[1]] = (0.3, 0.2)
+    for name, by_cell in losses.items():
+        d = tmp_path / name
+        rows = []
+        for cell, (val, test) in by_cell.items():
+            row = dict.fromkeys(TABLE_FIELDS, "1")
+            row.update(method=cell.row, layers=cell.layers, noise=cell.column, exact=test)
+            rows.append(row)
+            (d / "cells").mkdir(parents=True, exist_ok=True)
+            sel = {"losses": [9.0, val], "best": 1}
+            (d / "cells" / f"{cell.name}.json").write_text(json.dumps({"selection": sel}))
+            config = cell_config(cell, None, 1)
+            model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+            eqicl.save_weights(model, weights_path(d, cell), select_loss=val, tag=name)
+        _write_csv(d / "table1.csv", TABLE_FIELDS, rows)
+    out = tmp_path / "paper"
+    args = ["--merge", f"{tmp_path / 'cold'},{tmp_path / 'warm'}", "--paper-dir", str(out)]
+    assert main(args) == 0
+    assert "1 cells from cold, 1 cells from warm" in capsys.readouterr().out
+    merged = read_table(out / "table1.csv")
+    assert merged[cells[0]]["pass"] == "cold" and float(merged[cells[0]]["exact"]) == 0.9
+    assert merged[cells[1]]["pass"] == "warm" and float(merged[cells[1]]["exact"]) == 0.2
+    assert eqicl.load_weights(weights_path(out, cells[0]))[1]["tag"] == "cold"
+    data = json.loads((out / "cells" / f"{cells[1].name}.json").read_text())
+    assert data["pass"] == "warm" and data["validation_by_pass"] == {"cold": 0.5, "warm": 0.3}
+    assert main(["--merge", str(tmp_path / "nothing"), "--paper-dir", str(out)]) == 2

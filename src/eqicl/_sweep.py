@@ -46,7 +46,10 @@ TABLE_FIELDS = (
     "train_seconds",
     "eval_seconds",
     "status",
+    "pass",
 )
+# Columns added after results were first recorded: a file without them reads them as "".
+LATER_FIELDS = ("init", "pass")
 BASELINE_FIELDS = (
     "method",
     "noise",
@@ -210,7 +213,7 @@ def read_table(path: pathlib.Path) -> dict[Cell, dict]:
         return {}
     rows: dict[Cell, dict] = {}
     reader = csv.DictReader(io.StringIO(path.read_text()))
-    missing = set(TABLE_FIELDS) - set(reader.fieldnames or ())
+    missing = set(TABLE_FIELDS) - set(reader.fieldnames or ()) - set(LATER_FIELDS)
     if missing:
         raise SweepError(f"{path} lacks the column {sorted(missing)[0]!r}")
     for i, row in enumerate(reader, start=2):
@@ -224,6 +227,7 @@ def read_table(path: pathlib.Path) -> dict[Cell, dict]:
                 f"{path}:{i}: not a Table 1 cell ({row['method']}, {row['layers']}, {row['noise']})"
             )
         cell = Cell(model, layers, row["noise"])
+        row = {**dict.fromkeys(LATER_FIELDS, ""), **row}
         if cell in rows:
             raise SweepError(f"{path}:{i}: cell {cell.name} is recorded twice")
         rows[cell] = row
@@ -295,6 +299,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
         "train_seconds": f"{result.get('train_seconds', 0.0):.1f}",
         "eval_seconds": f"{result.get('eval_seconds', 0.0):.1f}",
         "status": result.get("status", "failed"),
+        "pass": "",
     }
     rows[cell] = row
     _write_csv(table_path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
@@ -416,11 +421,14 @@ def sweep(
     echo: Callable[[str], None] = print,
     progress: bool = True,
     warm: bool = True,
+    baselines_dir: pathlib.Path | None = None,
 ) -> list[dict]:
     """Train, evaluate and record every cell not yet recorded (all of them with `force`).
     With `warm` (the recipe), each cell starts from its best recorded candidate
     (`warm_start`); cells run noise setting by noise setting, shallow before deep and GD++
-    before DIAG before FULL, so that every candidate is trained before the cells it starts."""
+    before DIAG before FULL, so that every candidate is trained before the cells it starts.
+    The baselines are recorded once per noise setting in `baselines_dir` (default
+    `paper_dir`)."""
     from ._run import run
 
     for cell in cells:  # every config is checked before anything runs
@@ -434,12 +442,13 @@ def sweep(
         f"{len(cells)} cells asked, {len(cells) - len(todo)} already in {paper_dir / 'table1.csv'}, {len(todo)} to run"
     )
     columns = sorted({c.column for c in cells}, key=COLUMNS.index)
-    have = recorded_baseline_columns(paper_dir)
+    baselines_dir = paper_dir if baselines_dir is None else baselines_dir
+    have = recorded_baseline_columns(baselines_dir)
     for column in columns:
         if force or column not in have:
             echo(f"baselines for noise {column}")
             record_baselines(
-                paper_dir, column, cell_config(Cell("diag", 3, column), steps, seeds, extra)
+                baselines_dir, column, cell_config(Cell("diag", 3, column), steps, seeds, extra)
             )
     bar = None
     weights = {c: c.layers + 2 for c in todo}  # deeper cells cost more; for the estimate
@@ -487,3 +496,60 @@ def sweep(
                 bar.close()
     echo(f"sweep: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
+    """A recorded cell's validation loss (its selected seed's loss on the held-out selection
+    sequences, which depend only on the task and `eval.seed`); inf if not recorded or failed."""
+    path = paper_dir / "cells" / f"{cell.name}.json"
+    try:
+        selection = json.loads(path.read_text())["selection"]
+        loss = float(selection["losses"][selection["best"]])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return math.inf
+    return loss if math.isfinite(loss) else math.inf
+
+
+def merge(
+    passes: Sequence[pathlib.Path], paper_dir: pathlib.Path, echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    """The recipe's last step: each cell of `paper_dir` becomes the best, by validation loss, of
+    its records in the sweep passes `passes` (each a paper directory, e.g. a `--cold` pass and
+    a warm-started one): its table row (with `pass` naming the pass), `cells/<cell>.json` and
+    `weights/<cell>.npz`. Never the test loss. Returns how many cells each pass gave."""
+    import shutil
+
+    tables = {}
+    for p in passes:
+        if not (p / "table1.csv").is_file():
+            raise SweepError(f"{p / 'table1.csv'} does not exist: run that sweep pass first")
+        tables[p] = read_table(p / "table1.csv")
+    if len({p.name for p in passes}) != len(passes):
+        raise SweepError("the passes must be directories with distinct names")
+    counts = {p.name: 0 for p in passes}
+    with _results_lock(paper_dir):
+        rows = read_table(paper_dir / "table1.csv")
+        for cell in sorted({c for t in tables.values() for c in t}, key=_order):
+            losses = {
+                p: validation_loss(p, cell) if cell in tables[p] else math.inf for p in passes
+            }
+            best = min(passes, key=lambda p: losses[p])
+            if not math.isfinite(losses[best]):
+                best = next(p for p in passes if cell in tables[p])  # all failed: say so
+            counts[best.name] += 1
+            rows[cell] = {**tables[best][cell], "pass": best.name}
+            (paper_dir / "cells").mkdir(parents=True, exist_ok=True)
+            src = best / "cells" / f"{cell.name}.json"
+            if src.is_file():
+                data = json.loads(src.read_text())
+                data["pass"] = best.name
+                data["validation_by_pass"] = {p.name: losses[p] for p in passes}
+                _write_json(paper_dir / "cells" / f"{cell.name}.json", data)
+            if weights_path(best, cell).is_file():
+                weights_path(paper_dir, cell).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(weights_path(best, cell), weights_path(paper_dir, cell))
+        _write_csv(
+            paper_dir / "table1.csv", TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order))
+        )
+    echo("merged: " + ", ".join(f"{n} cells from {k}" for k, n in counts.items()))
+    return counts

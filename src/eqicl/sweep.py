@@ -8,9 +8,16 @@ an interrupted cell resumes from its checkpoint. Examples:
     python -m eqicl.sweep --models diag --layers 1-3 --noise 3,5
     python -m eqicl.sweep --list                            # what would run, and what is done
 
-Each cell starts from the best (on held-out sequences) of the recorded cells that embed
-exactly into it: one layer fewer of the same kind, or the same depth of GD++ / DIAG
-(`--cold`: from the GD initialization). Its trained weights go to runs/paper/weights/.
+The recipe (`just sweep`) is two passes and a merge:
+
+    python -m eqicl.sweep --cold --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper
+    python -m eqicl.sweep --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper
+    python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm    # into runs/paper
+
+The cold pass starts every cell from the GD initialization. The warm pass starts each cell
+from the best (on held-out sequences) of its own recorded cells that embed exactly into it:
+one layer fewer of the same kind, or the same depth of GD++ / DIAG. The merge keeps, cell by
+cell, the pass with the lower validation loss. Trained weights go to <paper-dir>/weights/.
 """
 
 import argparse
@@ -52,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         help="start every cell from the GD initialization, not from its best recorded "
         "shallower or narrower cell (the recipe's warm start)",
     )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        metavar="DIR,DIR",
+        help="record in --paper-dir, cell by cell, the best by validation loss of these sweep "
+        "passes' results (the recipe's last step); trains nothing",
+    )
+    parser.add_argument(
+        "--baselines-dir", default=None, help="where the baselines go (default: --paper-dir)"
+    )
     parser.add_argument("--run-root", default="runs/sweep", help="where cell run directories go")
     parser.add_argument("--paper-dir", default="runs/paper", help="where the committed results go")
     parser.add_argument(
@@ -64,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_jax()
     from ._run import RunDirError
-    from ._sweep import SweepError, cell_config, parse_cells, read_table, sweep, warm_start
+    from ._sweep import (
+        SweepError,
+        cell_config,
+        merge,
+        parse_cells,
+        read_table,
+        sweep,
+        warm_start,
+    )
 
     try:
         if args.seeds < 1:
@@ -73,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--steps must be >= 1, got {args.steps}")
         cells = parse_cells(args.models, args.layers, args.noise)
         paper_dir = pathlib.Path(args.paper_dir)
+        if args.merge:
+            merge([pathlib.Path(p) for p in args.merge.split(",") if p], paper_dir)
+            return 0
         if args.list:
             done = read_table(paper_dir / "table1.csv")
             for cell in cells:
@@ -94,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=not args.no_progress,
             warm=not args.cold,
+            baselines_dir=None if args.baselines_dir is None else pathlib.Path(args.baselines_dir),
         )
     except (SweepError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
