@@ -45,6 +45,8 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
         "|" + "---|" * (len(COLUMNS) + 2),
     ]
     by_cell = {(c.model, c.layers, c.column): r for c, r in rows.items()}
+    passes: dict[str, int] = {}
+    per_model: dict[str, dict[str, int]] = {}
     for layers in LAYERS:
         for model, row_name in MODEL_ROWS.items():
             cells = []
@@ -57,7 +59,12 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
                 else:
                     ours = float(r["exact"])
                     v = verdict(ours, float(r["exact_se"]), paper)
-                    cells.append(f"{ours:.3g} / {paper:.3g} {marks[v]}")
+                    tag = f" ({r['pass']})" if r.get("pass") else ""
+                    cells.append(f"{ours:.3g} / {paper:.3g} {marks[v]}{tag}")
+                    if r.get("pass"):
+                        passes[r["pass"]] = passes.get(r["pass"], 0) + 1
+                    per_model.setdefault(row_name, {}).setdefault(v, 0)
+                    per_model[row_name][v] += 1
                 counts[v] += 1
             lines.append(f"| {row_name} | {layers} | " + " | ".join(cells) + " |")
     base = read_baselines(paper_dir)
@@ -86,6 +93,20 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
         f"{counts['matched'] + counts['beaten']} of {total} cells matched or beaten "
         f"({counts['beaten']} beaten), {counts['missed']} missed, {counts['missing']} not run.",
     ]
+    lines.append(
+        "By model: "
+        + "; ".join(
+            f"{m} {c.get('matched', 0)} matched, {c.get('beaten', 0)} beaten, {c.get('missed', 0)} missed"
+            for m, c in per_model.items()
+        )
+        + "."
+    )
+    if passes:
+        lines.append(
+            "In parentheses: the sweep pass each cell comes from (the lower validation loss): "
+            + ", ".join(f"{n} from {k}" for k, n in sorted(passes.items()))
+            + "."
+        )
     return "\n".join(lines) + "\n", counts
 
 

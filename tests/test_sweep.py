@@ -275,4 +275,9 @@ def test_merge_keeps_the_pass_with_the_lower_validation_loss(tmp_path, capsys):
     assert eqicl.load_weights(weights_path(out, cells[0]))[1]["tag"] == "cold"
     data = json.loads((out / "cells" / f"{cells[1].name}.json").read_text())
     assert data["pass"] == "warm" and data["validation_by_pass"] == {"cold": 0.5, "warm": 0.3}
+    text, counts = compare(out)
+    assert "(cold)" in text and "1 from cold, 1 from warm" in text
+    assert (
+        "By model: DIAG 0 matched, 0 beaten, 1 missed; FULL 1 matched, 0 beaten, 0 missed" in text
+    )
     assert main(["--merge", str(tmp_path / "nothing"), "--paper-dir", str(out)]) == 2
