@@ -7,6 +7,8 @@ paper's plus max(10 % of it, 0.002) (issue 4's target), *beaten* when it is also
 paper's by more than max(5 % of it, two standard errors), *missed* otherwise; cells not yet
 run are *missing*. The verdict uses the exact estimator (same expectation as the paper's
 sampled one, far smaller standard error); the sampled value is shown beside it.
+A sweep pass's directory (`runs/paper/cold`, `runs/paper/warm`) holds no baselines: give
+`--baselines-dir runs/paper`.
 """
 
 import argparse
@@ -28,8 +30,11 @@ def verdict(ours: float, se: float, paper: float) -> str:
     return "matched"
 
 
-def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
-    """The side-by-side markdown table and the verdict counts."""
+def compare(
+    paper_dir: pathlib.Path, baselines_dir: pathlib.Path | None = None
+) -> tuple[str, dict[str, int]]:
+    """The side-by-side markdown table and the verdict counts (baselines read from
+    `baselines_dir`, default `paper_dir`)."""
     rows = read_table(paper_dir / "table1.csv")
     table = paper_table()
     counts = {"matched": 0, "beaten": 0, "missed": 0, "missing": 0}
@@ -67,7 +72,7 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
                     per_model[row_name][v] += 1
                 counts[v] += 1
             lines.append(f"| {row_name} | {layers} | " + " | ".join(cells) + " |")
-    base = read_baselines(paper_dir)
+    base = read_baselines(paper_dir if baselines_dir is None else baselines_dir)
     if base:
         lines += [
             "",
@@ -110,19 +115,24 @@ def compare(paper_dir: pathlib.Path) -> tuple[str, dict[str, int]]:
     return "\n".join(lines) + "\n", counts
 
 
-def claims(paper_dir: pathlib.Path) -> list[str]:
+def claims(paper_dir: pathlib.Path, baselines_dir: pathlib.Path | None = None) -> list[str]:
     """The paper's qualitative claims (SPEC §7) checked on our recorded cells, each with the
-    numbers behind it. Only cells that were run count; a claim with no cells says so."""
+    numbers behind it. Only cells that were run count; a claim with no cells says so, and a
+    claim about the baselines says when none are recorded in `baselines_dir` (default
+    `paper_dir`)."""
     import json
     import statistics
 
     rows = read_table(paper_dir / "table1.csv")
     ours = {(c.model, c.layers, c.column): float(r["exact"]) for c, r in rows.items()}
-    base = {k: float(r["exact"]) for k, r in read_baselines(paper_dir).items()}
+    where = paper_dir if baselines_dir is None else baselines_dir
+    base = {k: float(r["exact"]) for k, r in read_baselines(where).items()}
     out = ["", "## The paper's claims (SPEC §7) on our cells", ""]
 
-    def line(claim, hits, total, detail=""):
-        if total == 0:
+    def line(claim, hits, total, detail="", needs_baselines=False):
+        if needs_baselines and not base:
+            out.append(f"- {claim}: no baselines in {where} (see --baselines-dir).")
+        elif total == 0:
             out.append(f"- {claim}: no cells recorded yet.")
         else:
             out.append(f"- {claim}: holds in {hits} of {total} cells{detail}.")
@@ -149,6 +159,7 @@ def claims(paper_dir: pathlib.Path) -> list[str]:
         "GD++ ≈ ConstRR from 3 layers on (within 10 % or 0.002)",
         sum(abs(a - b) <= max(0.1 * b, 0.002) for a, b in g),
         len(g),
+        needs_baselines=True,
     )
     # 2. From 4 layers DIAG/FULL beat AdaRR for σ_max ≥ 4; from 5 layers match or beat TunedRR.
     hi = [c for c in COLUMNS if c.isdigit() and int(c) >= 4]
@@ -159,7 +170,12 @@ def claims(paper_dir: pathlib.Path) -> list[str]:
         for c in hi
         if L >= 4 and (m, L, c) in ours and ("adarr", c) in base
     ]
-    line("From 4 layers DIAG/FULL beat AdaRR at σ_max ≥ 4", sum(x < y for x, y in a), len(a))
+    line(
+        "From 4 layers DIAG/FULL beat AdaRR at σ_max ≥ 4",
+        sum(x < y for x, y in a),
+        len(a),
+        needs_baselines=True,
+    )
     t = [
         (ours[(m, L, c)], base[("tunedrr", c)])
         for m in ("diag", "full")
@@ -171,6 +187,7 @@ def claims(paper_dir: pathlib.Path) -> list[str]:
         "From 5 layers DIAG/FULL match (within 10 % or 0.002) or beat TunedRR at σ_max ≥ 4",
         sum(x <= y + max(0.1 * y, 0.002) for x, y in t),
         len(t),
+        needs_baselines=True,
     )
     # 4. {1, 3}: FULL lower in distribution, DIAG better beyond σ = 3 (per-variance profile).
     ind, ext = [], []
@@ -202,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paper-dir", default="runs/paper", help="the sweep's results (default runs/paper)"
     )
+    parser.add_argument(
+        "--baselines-dir",
+        default=None,
+        help="where the baselines are (default: --paper-dir; a sweep pass's: runs/paper)",
+    )
     args = parser.parse_args(argv)
     paper_dir = pathlib.Path(args.paper_dir)
+    bdir = None if args.baselines_dir is None else pathlib.Path(args.baselines_dir)
     if not (paper_dir / "table1.csv").is_file():
         print(
             f"error: {paper_dir / 'table1.csv'} does not exist; run `just sweep` first",
@@ -211,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        text, counts = compare(paper_dir)
+        text, counts = compare(paper_dir, bdir)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text += "\n".join(claims(paper_dir)) + "\n"
+    text += "\n".join(claims(paper_dir, bdir)) + "\n"
     (paper_dir / "table1_vs_paper.md").write_text(text)
     print(text, end="")
     print(f"wrote {paper_dir / 'table1_vs_paper.md'}")

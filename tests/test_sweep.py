@@ -276,6 +276,10 @@ def test_merge_keeps_the_pass_with_the_lower_validation_loss(tmp_path, capsys):
     data = json.loads((out / "cells" / f"{cells[1].name}.json").read_text())
     assert data["pass"] == "warm" and data["validation_by_pass"] == {"cold": 0.5, "warm": 0.3}
     text, counts = compare(out)
+    from analysis.table import claims
+
+    no_base = "\n".join(claims(out))
+    assert "beat AdaRR at σ_max ≥ 4: no baselines in" in no_base
     assert "(cold)" in text and "1 from cold, 1 from warm" in text
     assert (
         "By model: DIAG 0 matched, 0 beaten, 1 missed; FULL 1 matched, 0 beaten, 0 missed" in text
