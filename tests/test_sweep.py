@@ -2,6 +2,7 @@ import csv
 import io
 import json
 
+import jax
 import jax.random as jr
 import pytest
 
@@ -201,8 +202,17 @@ def test_reused_test_data_gives_the_same_evaluation():
 
 
 def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
-    """Candidates embed exactly; the choice is the lowest validation loss among the recorded
-    ones; nothing recorded means the GD start."""
+    """Candidates embed exactly; the choice is the lowest validation loss (the cell file's
+    selection) among the recorded ones; nothing recorded means the GD start."""
+
+    def record(cand, loss):
+        config = cell_config(cand, None, 1)
+        model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+        eqicl.save_weights(model, weights_path(tmp_path, cand), select_loss=loss)
+        sel = {"losses": [9.0, loss], "best": 1}
+        (tmp_path / "cells").mkdir(exist_ok=True)
+        (tmp_path / "cells" / f"{cand.name}.json").write_text(json.dumps({"selection": sel}))
+
     cell = Cell("full", 3, "5")
     assert start_candidates(cell) == [
         Cell("full", 2, "5"),
@@ -212,13 +222,9 @@ def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
     assert start_candidates(Cell("gdpp", 1, "0")) == []
     assert warm_start(tmp_path, cell) is None
     for cand, loss in [(Cell("full", 2, "5"), 0.3), (Cell("gdpp", 3, "5"), 0.2)]:
-        config = cell_config(cand, None, 1)
-        model = eqicl.init_transformer(jr.key(0), config.model, config.task)
-        eqicl.save_weights(model, weights_path(tmp_path, cand), select_loss=loss)
+        record(cand, loss)
     assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")
-    config = cell_config(Cell("diag", 3, "5"), None, 1)
-    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
-    eqicl.save_weights(model, weights_path(tmp_path, Cell("diag", 3, "5")), select_loss=0.1)
+    record(Cell("diag", 3, "5"), 0.1)
     assert warm_start(tmp_path, cell) == Cell("diag", 3, "5")
     # a candidate that cannot start this cell's config (two heads asked for) is passed over
     two_heads = cell_config(cell, None, 1, ["model.heads=2"])
@@ -285,3 +291,19 @@ def test_merge_keeps_the_pass_with_the_lower_validation_loss(tmp_path, capsys):
         "By model: DIAG 0 matched, 0 beaten, 1 missed; FULL 1 matched, 0 beaten, 0 missed" in text
     )
     assert main(["--merge", str(tmp_path / "nothing"), "--paper-dir", str(out)]) == 2
+
+
+def test_checking_a_warm_started_run_never_reads_its_start(tmp_path):
+    """A warm start has the structure of a GD start: the state skeleton (used to check and
+    restore checkpoints) is the same, and needs no weights file."""
+    from eqicl._run import skeleton
+
+    cell = Cell("full", 2, "3")
+    cold = cell_config(cell, None, 2, SMALL)
+    warm = cell_config(cell, None, 2, SMALL, str(tmp_path / "gone.npz"))
+    assert jax.tree.structure(skeleton(warm)) == jax.tree.structure(skeleton(cold))
+    src = cell_config(Cell("diag", 2, "3"), None, 1, SMALL)
+    eqicl.save_weights(eqicl.init_transformer(jr.key(0), src.model, src.task), tmp_path / "d.npz")
+    warm = cell_config(cell, None, 2, SMALL, str(tmp_path / "d.npz"))
+    state = eqicl.init_ensemble(warm)
+    assert jax.tree.structure(state) == jax.tree.structure(skeleton(cold))

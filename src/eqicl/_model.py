@@ -256,7 +256,7 @@ def init_transformer(
     if model.init_from:
         return warm_transformer(key, model, task, dtype)
     scale_n, scale_s = units(model, task)
-    gd_step = 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
+    gd_step = _gd_step(task)
     keys = jr.split(key, model.layers)
     layers = eqx.filter_vmap(
         lambda k: init_layer(k, model, task.d, scale_n, scale_s, gd_step, dtype)
@@ -267,7 +267,8 @@ def init_transformer(
 # --------------------------------------------------------------------------------------------
 # Weights files and warm starts
 
-_KINDS = {FullAttention: "full", DiagAttention: "diag", GDPPAttention: "gdpp"}
+_CLASSES = {"full": FullAttention, "diag": DiagAttention, "gdpp": GDPPAttention}
+_FIELDS = {"full": ("p", "q"), "diag": ("p", "q"), "gdpp": ("p", "q_x")}
 _WIDER = {"gdpp": ("gdpp",), "diag": ("gdpp", "diag"), "full": ("gdpp", "diag", "full")}
 
 
@@ -277,7 +278,14 @@ class WeightsError(ConfigError):
 
 
 def model_kind(model: LinearTransformer) -> str:
-    return _KINDS[type(model.layers)]
+    return next(k for k, cls in _CLASSES.items() if isinstance(model.layers, cls))
+
+
+def _stacked_layers(kind: str, arrays: dict, d: int, scale_n: float, scale_s: float):
+    """Layers of `kind` from their parameter arrays (leading axis: layers), built under vmap so
+    that the constructors' shape checks are per layer."""
+    statics = dict(scale_n=scale_n, scale_s=scale_s) | ({} if kind == "full" else {"dim": d})
+    return eqx.filter_vmap(lambda a: _CLASSES[kind](**a, **statics))(arrays)
 
 
 def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
@@ -288,17 +296,13 @@ def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
 
     import numpy as np
 
-    layers = model.layers
-    arrays = {
-        name: np.asarray(getattr(layers, name))
-        for name in ("p", "q", "q_x")
-        if hasattr(layers, name)
-    }
+    kind, layers = model_kind(model), model.layers
+    arrays = {name: np.asarray(getattr(layers, name)) for name in _FIELDS[kind]}
     info = {
-        "kind": model_kind(model),
+        "kind": kind,
         "layers": model.num_layers,
         "heads": int(arrays["p"].shape[1]),
-        "d": int(arrays["p"].shape[-1] - 1) if model_kind(model) == "full" else layers.dim,
+        "d": int(arrays["p"].shape[-1] - 1) if kind == "full" else layers.dim,
         "scale_n": layers.scale_n,
         "scale_s": layers.scale_s,
         **meta,
@@ -322,45 +326,38 @@ def load_weights(path) -> tuple[LinearTransformer, dict]:
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
     meta = {k[5:]: data.pop(k).item() for k in list(data) if k.startswith("meta.")}
     try:
-        kind, d = meta["kind"], int(meta["d"])
-        units = dict(scale_n=float(meta["scale_n"]), scale_s=float(meta["scale_s"]))
-        # Built under vmap: the constructors' shape checks are per layer.
-        if kind == "full":
-            layers = eqx.filter_vmap(lambda p, q: FullAttention(p=p, q=q, **units))(
-                jnp.asarray(data["p"]), jnp.asarray(data["q"])
-            )
-        elif kind == "diag":
-            layers = eqx.filter_vmap(lambda p, q: DiagAttention(p=p, q=q, dim=d, **units))(
-                jnp.asarray(data["p"]), jnp.asarray(data["q"])
-            )
-        elif kind == "gdpp":
-            layers = eqx.filter_vmap(lambda p, q: GDPPAttention(p=p, q_x=q, dim=d, **units))(
-                jnp.asarray(data["p"]), jnp.asarray(data["q_x"])
-            )
-        else:
+        kind = meta["kind"]
+        if kind not in _CLASSES:
             raise KeyError("kind")
+        arrays = {name: jnp.asarray(data[name]) for name in _FIELDS[kind]}
+        layers = _stacked_layers(
+            kind, arrays, int(meta["d"]), float(meta["scale_n"]), float(meta["scale_s"])
+        )
+        return LinearTransformer(layers=layers, num_layers=int(meta["layers"])), meta
     except KeyError as e:
         raise WeightsError(f"weights file {path} lacks {e}") from None
-    return LinearTransformer(layers=layers, num_layers=int(meta["layers"])), meta
 
 
 def _as_kind(source: LinearTransformer, kind: str, key: PRNGKeyArray, noise: float, dtype):
-    """The same function in the parameterization of `kind` (at least as wide as the source's),
-    the new degrees of freedom set to `noise`-scaled normals."""
-    layers = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_array(a) else a, source.layers)
+    """The source's parameter arrays for the same function in the parameterization of `kind`
+    (at least as wide as the source's), the new degrees of freedom set to `noise`-scaled
+    normals."""
     have = model_kind(source)
-    units = dict(scale_n=layers.scale_n, scale_s=layers.scale_s)
+    arrays = {n: getattr(source.layers, n).astype(dtype) for n in _FIELDS[have]}
     if kind == have:
-        return layers
+        return arrays
     if kind == "full":
-        p, q = eqx.filter_vmap(lambda layer: layer.raw_pq())(layers)
-        p = p + noise * jr.normal(key, p.shape, dtype)
-        return eqx.filter_vmap(lambda p, q: FullAttention(p=p, q=q, **units))(p, q)
+        p, q = eqx.filter_vmap(lambda layer: layer.raw_pq())(source.layers)
+        p, q = p.astype(dtype), q.astype(dtype)
+        return {"p": p + noise * jr.normal(key, p.shape, dtype), "q": q}
     # gdpp -> diag: q_y (zero in GD++) becomes a free parameter
-    q = jnp.stack([layers.q_x, noise * jr.normal(key, layers.q_x.shape, dtype)], axis=-1)
-    return eqx.filter_vmap(lambda p, q: DiagAttention(p=p, q=q, dim=layers.dim, **units))(
-        layers.p, q
-    )
+    q_y = noise * jr.normal(key, arrays["q_x"].shape, dtype)
+    return {"p": arrays["p"], "q": jnp.stack([arrays["q_x"], q_y], axis=-1)}
+
+
+def _gd_step(task: TaskConfig) -> float:
+    """The GD start's step size in paper units, 1/(n s) with s² = d + E[σ²] (SPEC §8)."""
+    return 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
 
 
 def warm_transformer(
@@ -390,25 +387,29 @@ def warm_transformer(
             f"{where} is a {have.upper()} model; it cannot start a {model.kind.upper()} one"
         )
     k_embed, k_new, k_id = jr.split(key, 3)
-    layers = _as_kind(source, model.kind, k_embed, model.init_scale, dtype)
+    # Rebuilt in this run's own units (equal to the file's, checked above), so the model has
+    # exactly the structure of a GD start: checkpoints restore into either.
+    arrays = _as_kind(source, model.kind, k_embed, model.init_scale, dtype)
     if source.num_layers == model.layers:
+        layers = _stacked_layers(model.kind, arrays, task.d, scale_n, scale_s)
         return LinearTransformer(layers=layers, num_layers=model.layers)
     if source.num_layers != model.layers - 1 or have != model.kind:
         raise WeightsError(
             f"{where} has {source.num_layers} {have.upper()} layers; it can start "
             f"{source.num_layers} layers of a wider kind or {source.num_layers + 1} of its own"
         )
-    gd_step = 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
     fresh = init_layer(
-        k_new, dataclasses.replace(model, init="gd"), task.d, scale_n, scale_s, gd_step, dtype
+        k_new,
+        dataclasses.replace(model, init="gd"),
+        task.d,
+        scale_n,
+        scale_s,
+        _gd_step(task),
+        dtype,
     )
-    # An identity layer: P = noise (so P S Q = 0 up to it), Q as in the GD start.
-    fresh = eqx.tree_at(
-        lambda layer: layer.p, fresh, model.init_scale * jr.normal(k_id, fresh.p.shape, dtype)
-    )
-    stacked = jax.tree.map(
-        lambda new, old: jnp.concatenate([new[None], old], axis=0) if eqx.is_array(new) else new,
-        fresh,
-        layers,
-    )
-    return LinearTransformer(layers=stacked, num_layers=model.layers)
+    # An identity layer in front: P = noise (so P S Q = 0 up to it), Q as in the GD start.
+    first = {n: getattr(fresh, n)[None] for n in _FIELDS[model.kind]}
+    first["p"] = model.init_scale * jr.normal(k_id, first["p"].shape, dtype)
+    arrays = {n: jnp.concatenate([first[n], arrays[n]], axis=0) for n in arrays}
+    layers = _stacked_layers(model.kind, arrays, task.d, scale_n, scale_s)
+    return LinearTransformer(layers=layers, num_layers=model.layers)

@@ -14,6 +14,7 @@ is killed at any moment and restarted ends bitwise where an uninterrupted one wo
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -200,8 +201,11 @@ def run_lock(path: pathlib.Path, echo: Callable[[str], None] = print) -> Iterato
 
 
 def skeleton(config: Config) -> TrainState:
-    """The shapes and dtypes of a run's training state, without computing it."""
-    return eqx.filter_eval_shape(init_ensemble, config)
+    """The shapes and dtypes of a run's training state, without computing it. A warm start
+    (`model.init_from`) has exactly the structure of a GD start, so its file is not read:
+    checking and resuming a run never depend on it."""
+    cold = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=""))
+    return eqx.filter_eval_shape(init_ensemble, cold)
 
 
 def _is_shape(x) -> bool:

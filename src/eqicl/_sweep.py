@@ -149,8 +149,7 @@ def start_candidates(cell: Cell) -> list[Cell]:
 
 def warm_start(paper_dir: pathlib.Path, cell: Cell, config: Config | None = None) -> Cell | None:
     """The recipe's start for `cell`: of the recorded candidates (`start_candidates`), the one
-    with the lowest validation loss (its best-of-seeds selection loss, held-out sequences,
-    never the test ones); None (the GD start) when none is recorded. A deeper or wider model
+    with the lowest `validation_loss` (held-out sequences, never the test ones); None (the GD start) when none is recorded. A deeper or wider model
     started there is at least as good as that candidate before its first step. With the
     cell's `config`, candidates that cannot start it (e.g. recorded with other `--set`
     overrides: another head count) are passed over."""
@@ -164,14 +163,16 @@ def warm_start(paper_dir: pathlib.Path, cell: Cell, config: Config | None = None
         path = weights_path(paper_dir, cand)
         if not path.is_file():
             continue
+        loss = validation_loss(paper_dir, cand)
         try:
-            loss = float(load_weights(path)[1]["select_loss"])
-            if config is not None:
+            if config is None:
+                load_weights(path)
+            else:
                 model = dataclasses.replace(config.model, init_from=str(path))
                 eqx.filter_eval_shape(warm_transformer, jr.key(0), model, config.task)
-        except (WeightsError, KeyError, ValueError):
+        except WeightsError:
             continue
-        if math.isfinite(loss) and loss < best_loss:
+        if loss < best_loss:
             best, best_loss = cand, loss
     return best
 
