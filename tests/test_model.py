@@ -1,3 +1,5 @@
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -258,6 +260,38 @@ def test_warm_start_is_an_exact_embedding(src, dst, tmp_path):
     assert 0 < float(jnp.max(jnp.abs(moved - want))) < 1e-3 * float(jnp.max(jnp.abs(want)))
 
 
+@pytest.mark.parametrize(
+    "src,dst,sigma_max",
+    [
+        (("gdpp", 2), ("gdpp", 2), 5.0),
+        (("diag", 2), ("diag", 3), 0.0),
+        (("diag", 2), ("full", 2), 7.0),
+        (("full", 3), ("full", 3), 1.0),
+    ],
+)
+def test_a_model_of_another_noise_setting_starts_with_its_function(src, dst, sigma_max, tmp_path):
+    """A file trained for sigma_max = 3 starting a run for another sigma_max (other units):
+    rewritten in the run's units, the paper-unit P and Q, hence the function, are unchanged."""
+    source, path, _ = _trained_like(*src, tmp_path)
+    model, config = _warm(*dst, path, tmp_path, sigma_max=sigma_max)
+    assert model.layers.scale_s != source.layers.scale_s  # other units indeed
+    assert (
+        model.layers.scale_s
+        == eqicl.init_transformer(
+            jr.key(0), dataclasses.replace(config.model, init_from=""), config.task
+        ).layers.scale_s
+    )
+    b = eqicl.sample_batch(jr.key(3), config.task, 32, F64)
+    want = jax.vmap(source.implicit_weights)(b.x, b.y)[:, -1]
+    got = jax.vmap(model.implicit_weights)(b.x, b.y)[:, -1]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if src == dst:
+        p_src, q_src = jax.vmap(lambda layer: layer.pq())(source.layers)
+        p_dst, q_dst = jax.vmap(lambda layer: layer.pq())(model.layers)
+        np.testing.assert_allclose(p_dst, p_src, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(q_dst, q_src, rtol=1e-13, atol=0)
+
+
 def test_warm_start_refuses_what_does_not_embed(tmp_path):
     _, full2, _ = _trained_like("full", 2, tmp_path)
     _, diag1, _ = _trained_like("diag", 1, tmp_path)
@@ -267,8 +301,6 @@ def test_warm_start_refuses_what_does_not_embed(tmp_path):
         _warm("diag", 3, diag1, tmp_path)  # two layers more
     with pytest.raises(eqicl.WeightsError, match="it can start"):
         _warm("full", 2, diag1, tmp_path)  # wider and deeper at once
-    with pytest.raises(eqicl.WeightsError, match="another noise setting"):
-        _warm("diag", 2, diag1, tmp_path, sigma_max=5.0)
     with pytest.raises(eqicl.WeightsError, match="heads=1"):
         _warm("diag", 2, diag1, tmp_path, heads=2)
     with pytest.raises(eqicl.WeightsError, match="cannot read"):
@@ -281,8 +313,8 @@ def test_warm_start_refuses_what_does_not_embed(tmp_path):
 def test_train_command_refuses_a_bad_warm_start_before_writing(tmp_path, capsys):
     from eqicl.train import main
 
-    _, diag1, _ = _trained_like("diag", 1, tmp_path)
-    for bad in (tmp_path / "missing.npz", diag1):  # missing; trained for sigma_max=3, not 1
+    _, full1, _ = _trained_like("full", 1, tmp_path)
+    for bad in (tmp_path / "missing.npz", full1):  # missing; FULL cannot start DIAG
         run_dir = tmp_path / "run"
         args = ["--preset", "default", "--run-dir", str(run_dir), "--set", f"model.init_from={bad}"]
         assert main([*args, "--set", "task.sigma_max=1"]) == 2

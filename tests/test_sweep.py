@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import math
 
 import jax
 import jax.random as jr
@@ -12,10 +13,14 @@ from eqicl._sweep import (
     Cell,
     SweepError,
     cell_config,
+    neighbour_candidates,
     parse_cells,
     read_table,
     start_candidates,
+    start_loss,
+    start_name,
     task_for,
+    validation_loss,
     warm_start,
     weights_path,
 )
@@ -102,7 +107,7 @@ def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
     assert set(rows) == {Cell(m, 1, c) for m in ("gdpp", "diag") for c in ("0", "{1;3}")}
     assert all(r["status"] == "ok" and float(r["exact_se"]) > 0 for r in rows.values())
     # the warm start: DIAG starts from the GD++ cell of its column, GD++ from the GD step
-    assert rows[Cell("diag", 1, "{1;3}")]["init"] == "gdpp-L1-c1_3"
+    assert rows[Cell("diag", 1, "{1;3}")]["init"] == "paper/gdpp-L1-c1_3"
     assert rows[Cell("gdpp", 1, "0")]["init"] == "gd"
     run_config = eqicl.read_run_config(tmp_path / "runs" / "diag-L1-c1_3")
     assert run_config.model.init_from.endswith("weights/gdpp-L1-c1_3.npz")
@@ -147,6 +152,24 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'train.lrr'" in err and "\n" not in err.strip()
     assert not any(tmp_path.iterdir())
+    paper = ["--paper-dir", str(tmp_path / "paper")]
+    for args, message in [
+        (["--cold", "--starts-from", str(tmp_path)], "takes no --starts-from"),
+        (["--starts-from", str(tmp_path / "nowhere")], "no table1.csv there"),
+        (["--max-layers", "0"], "--max-layers must be >= 1"),
+        (["--across-noise"], "takes its starts from --starts-from"),
+    ]:
+        assert main(args + paper) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "\n" not in err.strip()
+    assert not any(tmp_path.iterdir())
+
+
+def test_max_layers_keeps_the_shallow_cells(tmp_path, capsys):
+    args = ["--list", "--cold", "--models", "diag", "--noise", "3", "--max-layers", "4"]
+    assert main(args + ["--paper-dir", str(tmp_path)]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [f"diag-L{k}-u3" for k in (1, 2, 3, 4)]
 
 
 def test_figures_redraw_from_committed_files(swept):
@@ -201,18 +224,19 @@ def test_reused_test_data_gives_the_same_evaluation():
         np.testing.assert_allclose(a["profile"]["model"], b["profile"]["model"], rtol=1e-11)
 
 
+def _record_candidate(paper_dir, cand, loss):
+    """A recorded cell as the sweep leaves it: weights file and cell file (its selection)."""
+    config = cell_config(cand, None, 1)
+    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+    eqicl.save_weights(model, weights_path(paper_dir, cand), select_loss=loss)
+    sel = {"losses": [9.0, loss], "best": 1}
+    (paper_dir / "cells").mkdir(parents=True, exist_ok=True)
+    (paper_dir / "cells" / f"{cand.name}.json").write_text(json.dumps({"selection": sel}))
+
+
 def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
     """Candidates embed exactly; the choice is the lowest validation loss (the cell file's
     selection) among the recorded ones; nothing recorded means the GD start."""
-
-    def record(cand, loss):
-        config = cell_config(cand, None, 1)
-        model = eqicl.init_transformer(jr.key(0), config.model, config.task)
-        eqicl.save_weights(model, weights_path(tmp_path, cand), select_loss=loss)
-        sel = {"losses": [9.0, loss], "best": 1}
-        (tmp_path / "cells").mkdir(exist_ok=True)
-        (tmp_path / "cells" / f"{cand.name}.json").write_text(json.dumps({"selection": sel}))
-
     cell = Cell("full", 3, "5")
     assert start_candidates(cell) == [
         Cell("full", 2, "5"),
@@ -222,16 +246,69 @@ def test_warm_start_picks_the_best_recorded_candidate(tmp_path):
     assert start_candidates(Cell("gdpp", 1, "0")) == []
     assert warm_start(tmp_path, cell) is None
     for cand, loss in [(Cell("full", 2, "5"), 0.3), (Cell("gdpp", 3, "5"), 0.2)]:
-        record(cand, loss)
-    assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")
-    record(Cell("diag", 3, "5"), 0.1)
-    assert warm_start(tmp_path, cell) == Cell("diag", 3, "5")
+        _record_candidate(tmp_path, cand, loss)
+    assert warm_start(tmp_path, cell) == weights_path(tmp_path, Cell("gdpp", 3, "5"))
+    _record_candidate(tmp_path, Cell("diag", 3, "5"), 0.1)
+    assert warm_start(tmp_path, cell) == weights_path(tmp_path, Cell("diag", 3, "5"))
     # a candidate that cannot start this cell's config (two heads asked for) is passed over
     two_heads = cell_config(cell, None, 1, ["model.heads=2"])
     assert warm_start(tmp_path, cell, two_heads) is None
-    assert warm_start(tmp_path, cell, cell_config(cell, None, 1)) == Cell("diag", 3, "5")
+    ok = cell_config(cell, None, 1)
+    assert warm_start(tmp_path, cell, ok) == weights_path(tmp_path, Cell("diag", 3, "5"))
     weights_path(tmp_path, Cell("diag", 3, "5")).write_bytes(b"damaged")
-    assert warm_start(tmp_path, cell) == Cell("gdpp", 3, "5")
+    assert warm_start(tmp_path, cell) == weights_path(tmp_path, Cell("gdpp", 3, "5"))
+
+
+def test_warm_start_also_looks_in_other_passes(tmp_path):
+    """With `also` (the warm pass's --starts-from the cold pass), the candidates of both
+    directories compete on validation loss; a tie goes to the pass's own directory."""
+    own, cold = tmp_path / "warm", tmp_path / "cold"
+    cell = Cell("diag", 4, "6")
+    _record_candidate(own, Cell("diag", 3, "6"), 0.13)  # the own chain's bad basin
+    _record_candidate(own, Cell("gdpp", 4, "6"), 0.20)
+    assert warm_start(own, cell) == weights_path(own, Cell("diag", 3, "6"))
+    assert warm_start(own, cell, also=[cold]) == weights_path(own, Cell("diag", 3, "6"))
+    _record_candidate(cold, Cell("diag", 3, "6"), 0.07)
+    start = warm_start(own, cell, cell_config(cell, None, 1), also=[cold])
+    assert start == weights_path(cold, Cell("diag", 3, "6"))
+    assert start_name(start) == "cold/diag-L3-u6"
+    _record_candidate(own, Cell("diag", 3, "6"), 0.07)  # a tie: the own directory first
+    assert warm_start(own, cell, also=[cold]) == weights_path(own, Cell("diag", 3, "6"))
+    assert start_name(tmp_path / "elsewhere" / "my-model.npz") == "my-model"
+
+
+def test_start_loss_is_the_recorded_validation_loss(swept):
+    """Scoring a recorded cell's weights as a start of the same cell reproduces the validation
+    loss its run recorded (same held-out sequences, same function)."""
+    tmp_path, _ = swept
+    for cell in (Cell("diag", 1, "{1;3}"), Cell("gdpp", 1, "0")):
+        config = cell_config(cell, None, 1, SMALL)
+        got = start_loss(weights_path(tmp_path / "paper", cell), config)
+        assert got == pytest.approx(validation_loss(tmp_path / "paper", cell), rel=1e-6)
+
+
+def test_warm_start_across_noise_settings(swept, tmp_path):
+    """With across_noise the same model and depth of a neighbouring noise setting, recorded
+    in another pass, competes on this cell's validation sequences (its own units)."""
+    cold = swept[0] / "paper"  # holds GD++ and DIAG 1-layer cells for sigma_max = 0
+    own = tmp_path / "warm"
+    cell = Cell("diag", 1, "1")
+    assert neighbour_candidates(cell) == [Cell("diag", 1, "0"), Cell("diag", 1, "2")]
+    assert neighbour_candidates(Cell("full", 3, "{1;3}")) == [
+        Cell("full", 3, "3"),
+        Cell("full", 3, "{1;3;5}"),
+    ]
+    config = cell_config(cell, None, 1, SMALL)
+    assert warm_start(own, cell, config, also=[cold]) is None
+    neighbour = weights_path(cold, Cell("diag", 1, "0"))
+    assert warm_start(own, cell, config, also=[cold], across_noise=True) == neighbour
+    loss = start_loss(neighbour, config)
+    assert math.isfinite(loss) and loss != validation_loss(cold, Cell("diag", 1, "0"))
+    _record_candidate(own, Cell("gdpp", 1, "1"), loss * 1.01)
+    assert warm_start(own, cell, config, also=[cold], across_noise=True) == neighbour
+    _record_candidate(own, Cell("gdpp", 1, "1"), loss * 0.99)
+    mine = weights_path(own, Cell("gdpp", 1, "1"))
+    assert warm_start(own, cell, config, also=[cold], across_noise=True) == mine
 
 
 def test_an_interrupted_cell_resumes_with_the_start_it_had(tmp_path):

@@ -95,11 +95,12 @@ class ModelConfig:
     N(0, init_scale²).
 
     `init_from` (a weights file written by `eqicl.save_weights`, e.g. a Table 1 cell's
-    `runs/paper/weights/<cell>.npz`) starts from a trained model of the same task instead,
+    `runs/paper/weights/<cell>.npz`) starts from a trained model of the same d instead,
     embedded exactly: one layer fewer of the same kind gets an identity layer in front
     (P = `init_scale` noise, Q as in the GD start); the same depth of a narrower kind
     (GD++ into DIAG or FULL, DIAG into FULL) is written in the wider parameterization, the new
-    degrees of freedom set to `init_scale` noise (FULL: noise on all of P).
+    degrees of freedom set to `init_scale` noise (FULL: noise on all of P). A file trained for
+    another noise setting (other units) is rewritten in this run's units: the same function.
     """
 
     kind: ModelKind = "diag"

@@ -9,7 +9,6 @@ the same function class with each statistic measured in its typical size (SPEC �
 
 import abc
 import dataclasses
-import math
 
 import equinox as eqx
 import jax
@@ -355,6 +354,27 @@ def _as_kind(source: LinearTransformer, kind: str, key: PRNGKeyArray, noise: flo
     return {"p": arrays["p"], "q": jnp.stack([arrays["q_x"], q_y], axis=-1)}
 
 
+def _in_units(
+    kind: str, arrays: dict, have: tuple[float, float], want: tuple[float, float]
+) -> dict:
+    """Parameter arrays of `kind` in units `have` = (scale_n, scale_s) rewritten in units
+    `want`, the paper-unit P and Q unchanged (see AbstractLinearAttention.pq): P's columns and
+    Q's rows carry diag(1, …, 1, 1/s), P also 1/n."""
+    r_n, r_s = want[0] / have[0], want[1] / have[1]
+    if r_n == 1.0 and r_s == 1.0:
+        return arrays
+    out = dict(arrays)
+    if kind == "full":  # p: (layers, heads, D, D), the y column last; q: the y row last
+        out["p"] = (arrays["p"] * r_n).at[..., -1].multiply(r_s)
+        out["q"] = arrays["q"].at[..., -1, :].multiply(r_s)
+        return out
+    # diag, gdpp: p = (p_x, p_y) and q = (q_x, q_y) per head; gdpp's q_x needs nothing
+    out["p"] = (arrays["p"] * r_n).at[..., 1].multiply(r_s)
+    if kind == "diag":
+        out["q"] = arrays["q"].at[..., 1].multiply(r_s)
+    return out
+
+
 def _gd_step(task: TaskConfig) -> float:
     """The GD start's step size in paper units, 1/(n s) with s² = d + E[σ²] (SPEC §8)."""
     return 1.0 / (task.n * (task.d + task.mean_sigma2) ** 0.5)
@@ -374,22 +394,18 @@ def warm_transformer(
             f"{where} has d={meta['d']}, heads={meta['heads']}; the run asks for "
             f"d={task.d}, heads={model.heads}"
         )
-    if not (
-        math.isclose(float(meta["scale_n"]), scale_n, rel_tol=1e-9)
-        and math.isclose(float(meta["scale_s"]), scale_s, rel_tol=1e-9)
-    ):
-        raise WeightsError(
-            f"{where} is in other units (n={meta['scale_n']}, s={meta['scale_s']:.6g}) than "
-            f"this run (n={scale_n}, s={scale_s:.6g}): it was trained for another noise setting"
-        )
     if have not in _WIDER[model.kind]:
         raise WeightsError(
             f"{where} is a {have.upper()} model; it cannot start a {model.kind.upper()} one"
         )
     k_embed, k_new, k_id = jr.split(key, 3)
-    # Rebuilt in this run's own units (equal to the file's, checked above), so the model has
-    # exactly the structure of a GD start: checkpoints restore into either.
+    # Rebuilt in this run's own units (the same function: a model trained for another noise
+    # setting keeps its paper-unit P and Q), so the model has exactly the structure of a GD
+    # start: checkpoints restore into either.
     arrays = _as_kind(source, model.kind, k_embed, model.init_scale, dtype)
+    arrays = _in_units(
+        model.kind, arrays, (float(meta["scale_n"]), float(meta["scale_s"])), (scale_n, scale_s)
+    )
     if source.num_layers == model.layers:
         layers = _stacked_layers(model.kind, arrays, task.d, scale_n, scale_s)
         return LinearTransformer(layers=layers, num_layers=model.layers)

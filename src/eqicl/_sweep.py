@@ -147,12 +147,59 @@ def start_candidates(cell: Cell) -> list[Cell]:
     return out + [Cell(m, cell.layers, cell.column) for m in reversed(narrower)]
 
 
-def warm_start(paper_dir: pathlib.Path, cell: Cell, config: Config | None = None) -> Cell | None:
-    """The recipe's start for `cell`: of the recorded candidates (`start_candidates`), the one
-    with the lowest `validation_loss` (held-out sequences, never the test ones); None (the GD start) when none is recorded. A deeper or wider model
-    started there is at least as good as that candidate before its first step. With the
-    cell's `config`, candidates that cannot start it (e.g. recorded with other `--set`
-    overrides: another head count) are passed over."""
+# The noise settings next to each one, for starts across noise settings: sigma_max +- 1; a set
+# of levels is next to sigma_max = its top level and to the other set.
+NEIGHBOURS = {
+    **{str(k): [str(j) for j in (k - 1, k + 1) if 0 <= j <= 7] for k in range(8)},
+    "{1;3}": ["3", "{1;3;5}"],
+    "{1;3;5}": ["5", "{1;3}"],
+}
+
+
+def neighbour_candidates(cell: Cell) -> list[Cell]:
+    """The same model and depth trained for the noise settings next to the cell's."""
+    return [Cell(cell.model, cell.layers, c) for c in NEIGHBOURS[cell.column]]
+
+
+def start_loss(path: pathlib.Path, config: Config) -> float:
+    """The validation loss (the held-out selection sequences of `config`'s task) of the model
+    in the weights file `path` rewritten as `config`'s model start without noise; inf if it
+    cannot start it or is not finite."""
+    import jax
+    import jax.random as jr
+
+    from ._evaluate import select_losses
+    from ._model import WeightsError, warm_transformer
+
+    model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
+    try:
+        start = warm_transformer(jr.key(0), model, config.task)
+    except WeightsError:
+        return math.inf
+    stacked = jax.tree.map(lambda a: a[None] if isinstance(a, jax.Array) else a, start)
+    loss = float(select_losses(stacked, config)[0])
+    return loss if math.isfinite(loss) else math.inf
+
+
+def warm_start(
+    paper_dir: pathlib.Path,
+    cell: Cell,
+    config: Config | None = None,
+    also: Sequence[pathlib.Path] = (),
+    across_noise: bool = False,
+) -> pathlib.Path | None:
+    """The recipe's start for `cell`: the weights file of the recorded candidate
+    (`start_candidates`) with the lowest `validation_loss` (held-out sequences, never the test
+    ones), looked for in `paper_dir` and in the other passes' directories `also`; None (the GD
+    start) when none is recorded. A deeper or wider model started there is at least as good as
+    that candidate before its first step. With the cell's `config`, candidates that cannot
+    start it (e.g. recorded with other `--set` overrides: another head count) are passed
+    over. On equal losses the earlier candidate wins, and for one candidate `paper_dir`, then
+    `also` in order.
+
+    With `across_noise` (and `config`), the same model and depth recorded in `also` for the
+    neighbouring noise settings (`neighbour_candidates`) compete too, with their loss on this
+    cell's validation sequences (`start_loss`): a cell can take a basin its neighbour found."""
     import equinox as eqx
     import jax.random as jr
 
@@ -160,21 +207,39 @@ def warm_start(paper_dir: pathlib.Path, cell: Cell, config: Config | None = None
 
     best, best_loss = None, math.inf
     for cand in start_candidates(cell):
-        path = weights_path(paper_dir, cand)
-        if not path.is_file():
-            continue
-        loss = validation_loss(paper_dir, cand)
-        try:
-            if config is None:
-                load_weights(path)
-            else:
-                model = dataclasses.replace(config.model, init_from=str(path))
-                eqx.filter_eval_shape(warm_transformer, jr.key(0), model, config.task)
-        except WeightsError:
-            continue
-        if loss < best_loss:
-            best, best_loss = cand, loss
+        for where in (paper_dir, *also):
+            path = weights_path(where, cand)
+            if not path.is_file():
+                continue
+            loss = validation_loss(where, cand)
+            try:
+                if config is None:
+                    load_weights(path)
+                else:
+                    model = dataclasses.replace(config.model, init_from=str(path))
+                    eqx.filter_eval_shape(warm_transformer, jr.key(0), model, config.task)
+            except WeightsError:
+                continue
+            if loss < best_loss:
+                best, best_loss = path, loss
+    if across_noise and config is not None:
+        for cand in neighbour_candidates(cell):
+            for where in also:
+                path = weights_path(where, cand)
+                if path.is_file():
+                    loss = start_loss(path, config)
+                    if loss < best_loss:
+                        best, best_loss = path, loss
     return best
+
+
+def start_name(path: pathlib.Path | str) -> str:
+    """How a start is recorded (`init` column): `<pass>/<cell>` for a weights file of a paper
+    directory (e.g. `cold/diag-L3-u5`), else the file's stem."""
+    path = pathlib.Path(path)
+    if path.parent.name == "weights" and path.parent.parent.name:
+        return f"{path.parent.parent.name}/{path.stem}"
+    return path.stem
 
 
 def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
@@ -322,7 +387,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
 
 def _init_name(config: Config) -> str:
     src = config.model.init_from
-    return pathlib.Path(src).stem if src else config.model.init
+    return start_name(src) if src else config.model.init
 
 
 def _resumed_config(
@@ -423,10 +488,13 @@ def sweep(
     progress: bool = True,
     warm: bool = True,
     baselines_dir: pathlib.Path | None = None,
+    starts_from: Sequence[pathlib.Path] = (),
+    across_noise: bool = False,
 ) -> list[dict]:
     """Train, evaluate and record every cell not yet recorded (all of them with `force`).
     With `warm` (the recipe), each cell starts from its best recorded candidate
-    (`warm_start`); cells run noise setting by noise setting, shallow before deep and GD++
+    (`warm_start`) in `paper_dir` or in the finished passes `starts_from` (there also across
+    noise settings with `across_noise`); cells run noise setting by noise setting, shallow before deep and GD++
     before DIAG before FULL, so that every candidate is trained before the cells it starts.
     The baselines are recorded once per noise setting in `baselines_dir` (default
     `paper_dir`)."""
@@ -468,10 +536,13 @@ def sweep(
                 config = _resumed_config(run_root / cell.name, cell, steps, seeds, extra)
                 if config is None:
                     config = cell_config(cell, steps, seeds, extra)
-                    start = warm_start(paper_dir, cell, config) if warm else None
+                    start = (
+                        warm_start(paper_dir, cell, config, starts_from, across_noise)
+                        if warm
+                        else None
+                    )
                     if start is not None:
-                        path = str(weights_path(paper_dir, start))
-                        config = cell_config(cell, steps, seeds, extra, path)
+                        config = cell_config(cell, steps, seeds, extra, str(start))
                 if bar is not None:
                     bar.set_postfix_str(cell.name)
                 result = run(

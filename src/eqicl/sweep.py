@@ -10,14 +10,18 @@ an interrupted cell resumes from its checkpoint. Examples:
 
 The recipe (`just sweep`) is two passes and a merge:
 
-    python -m eqicl.sweep --cold --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper
-    python -m eqicl.sweep --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper
+    python -m eqicl.sweep --cold --max-layers 4 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper
+    python -m eqicl.sweep --starts-from runs/paper/cold --across-noise --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper
     python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm    # into runs/paper
 
-The cold pass starts every cell from the GD initialization. The warm pass starts each cell
-from the best (on held-out sequences) of its own recorded cells that embed exactly into it:
-one layer fewer of the same kind, or the same depth of GD++ / DIAG. The merge keeps, cell by
-cell, the pass with the lower validation loss. Trained weights go to <paper-dir>/weights/.
+The cold pass starts every cell of 1-4 layers from the GD initialization. The warm pass starts
+each cell from the best (on held-out sequences) of the recorded cells of either pass that embed
+exactly into it: one layer fewer of the same kind, or the same depth of GD++ / DIAG; with
+--across-noise also the same model and depth of the cold pass at the neighbouring noise
+settings, scored on the cell's own validation sequences. So a cell can leave a bad basin by
+starting where a cold cell found a good one. The merge keeps, cell by cell, the pass with the
+lower validation loss. Trained weights go to <paper-dir>/weights/. Run the cold pass first:
+the warm pass reads its results.
 """
 
 import argparse
@@ -34,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="all", help="e.g. 1-7 or 1,3,5 (default: all)")
     parser.add_argument(
         "--noise", default="all", help="Table 1 columns, e.g. 0,3,{1;3} (default: all ten)"
+    )
+    parser.add_argument(
+        "--max-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the asked cells with at most N layers (the recipe's cold pass: 4)",
     )
     parser.add_argument(
         "--seeds", type=int, default=1, help="seeds per cell, best one kept (default 1)"
@@ -58,6 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start every cell from the GD initialization, not from its best recorded "
         "shallower or narrower cell (the recipe's warm start)",
+    )
+    parser.add_argument(
+        "--starts-from",
+        default="",
+        metavar="DIR,DIR",
+        help="also start cells from the cells recorded in these finished passes' directories "
+        "(the recipe's warm pass: --starts-from runs/paper/cold)",
+    )
+    parser.add_argument(
+        "--across-noise",
+        action="store_true",
+        help="also start a cell from the same model and depth of the neighbouring noise "
+        "settings recorded in --starts-from, scored on the cell's own validation sequences",
     )
     parser.add_argument(
         "--merge",
@@ -87,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         merge,
         parse_cells,
         read_table,
+        start_name,
         sweep,
         warm_start,
     )
@@ -97,7 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps is not None and args.steps < 1:
             raise SweepError(f"--steps must be >= 1, got {args.steps}")
         cells = parse_cells(args.models, args.layers, args.noise)
+        if args.max_layers is not None:
+            if args.max_layers < 1:
+                raise SweepError(f"--max-layers must be >= 1, got {args.max_layers}")
+            cells = [c for c in cells if c.layers <= args.max_layers]
         paper_dir = pathlib.Path(args.paper_dir)
+        starts_from = [pathlib.Path(p) for p in args.starts_from.split(",") if p]
+        if args.cold and starts_from:
+            raise SweepError("--cold starts every cell from GD: it takes no --starts-from")
+        if args.across_noise and not starts_from:
+            raise SweepError("--across-noise takes its starts from --starts-from DIR")
+        for p in starts_from:
+            if not (p / "table1.csv").is_file():
+                raise SweepError(f"--starts-from {p}: no table1.csv there (run that pass first)")
         if args.merge:
             merge([pathlib.Path(p) for p in args.merge.split(",") if p], paper_dir)
             return 0
@@ -105,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             done = read_table(paper_dir / "table1.csv")
             for cell in cells:
                 config = cell_config(cell, args.steps, args.seeds, args.overrides)
-                state = "recorded" if cell in done else "to run"
-                start = None if args.cold else warm_start(paper_dir, cell, config)
-                init = start.name if start else config.model.init
+                if cell in done:  # the start it had
+                    state, init = "recorded", done[cell]["init"] or "?"
+                else:
+                    state = "to run"
+                    start = None
+                    if not args.cold:
+                        start = warm_start(paper_dir, cell, config, starts_from, args.across_noise)
+                    init = start_name(start) if start else config.model.init
                 print(
                     f"{cell.name:<16} {state:<9} steps={config.train.steps} lr={config.train.lr:g} seeds={config.train.seeds} start={init}"
                 )
@@ -123,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             warm=not args.cold,
             baselines_dir=None if args.baselines_dir is None else pathlib.Path(args.baselines_dir),
+            starts_from=starts_from,
+            across_noise=args.across_noise,
         )
     except (SweepError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
