@@ -18,14 +18,14 @@ lint:
     ruff check .
     ruff format --check .
 
-# A cold pass (the cells of 1-4 layers, each from the GD start), then a warm pass (every cell
+# A cold pass (the cells of 1-4 layers and FULL at every depth, each from the GD start), then a warm pass (every cell
 # from the best, by validation loss, of its smaller trained cells of either pass), each
 # skipping the cells it has recorded, then the merge (cell by cell the pass with the lower
 # validation loss) into runs/paper/table1.csv. A part: `just sweep --noise 5,{1;3}`;
 # `just sweep --list` shows what each pass has done.
 # Reproduce Table 1: cold pass, warm pass, merge into runs/paper (README: Reproducing the paper).
 sweep *ARGS:
-    python -m eqicl.sweep --cold --max-layers 4 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper {{ARGS}}
+    python -m eqicl.sweep --cold --max-layers 4,full:7 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper {{ARGS}}
     python -m eqicl.sweep --starts-from runs/paper/cold --across-noise --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper {{ARGS}}
     python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm --paper-dir runs/paper
 

@@ -157,6 +157,9 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
         (["--cold", "--starts-from", str(tmp_path)], "takes no --starts-from"),
         (["--starts-from", str(tmp_path / "nowhere")], "no table1.csv there"),
         (["--max-layers", "0"], "--max-layers must be >= 1"),
+        (["--max-layers", "4,full:0"], "--max-layers must be >= 1"),
+        (["--max-layers", "4,mlp:7"], "unknown model 'mlp'"),
+        (["--max-layers", "four"], "must be N or N,MODEL:M"),
         (["--across-noise"], "takes its starts from --starts-from"),
     ]:
         assert main(args + paper) == 2
@@ -166,10 +169,22 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
 
 
 def test_max_layers_keeps_the_shallow_cells(tmp_path, capsys):
-    args = ["--list", "--cold", "--models", "diag", "--noise", "3", "--max-layers", "4"]
-    assert main(args + ["--paper-dir", str(tmp_path)]) == 0
+    args = [
+        "--list",
+        "--cold",
+        "--models",
+        "diag,full",
+        "--noise",
+        "3",
+        "--paper-dir",
+        str(tmp_path),
+    ]
+    assert main(args + ["--max-layers", "4"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == [f"diag-L{k}-u3" for k in (1, 2, 3, 4)]
+    assert names == [f"{m}-L{k}-u3" for k in (1, 2, 3, 4) for m in ("diag", "full")]
+    assert main(args + ["--max-layers", "2,FULL:3"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["diag-L1-u3", "full-L1-u3", "diag-L2-u3", "full-L2-u3", "full-L3-u3"]
 
 
 def test_figures_redraw_from_committed_files(swept):

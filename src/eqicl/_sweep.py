@@ -269,6 +269,26 @@ def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
     return sorted({Cell(m, layer, c) for m in ms for layer in ls for c in cs}, key=_order)
 
 
+def depth_limit(text: str) -> Callable[[Cell], bool]:
+    """`--max-layers`: "N" keeps the cells of at most N layers; "N,MODEL:M,..." allows MODEL
+    up to M layers instead (the recipe's cold pass: "4,full:7")."""
+    head, *rest = [p.strip() for p in text.split(",")]
+    pairs = [part.split(":", 1) if ":" in part else [part, ""] for part in rest]
+    try:
+        default = int(head)
+        limits = {model.strip().lower(): int(value) for model, value in pairs}
+    except ValueError:
+        raise SweepError(
+            f"--max-layers must be N or N,MODEL:M (e.g. 4,full:7), got {text!r}"
+        ) from None
+    unknown = [m for m in limits if m not in MODELS]
+    if unknown:
+        raise SweepError(f"--max-layers: unknown model {unknown[0]!r} (one of {', '.join(MODELS)})")
+    if min([default, *limits.values()]) < 1:
+        raise SweepError(f"--max-layers must be >= 1, got {text!r}")
+    return lambda cell: cell.layers <= limits.get(cell.model, default)
+
+
 def _order(cell: Cell):
     return (cell.layers, MODELS.index(cell.model), COLUMNS.index(cell.column))
 

@@ -10,11 +10,12 @@ an interrupted cell resumes from its checkpoint. Examples:
 
 The recipe (`just sweep`) is two passes and a merge:
 
-    python -m eqicl.sweep --cold --max-layers 4 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper
+    python -m eqicl.sweep --cold --max-layers 4,full:7 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper
     python -m eqicl.sweep --starts-from runs/paper/cold --across-noise --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper
     python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm    # into runs/paper
 
-The cold pass starts every cell of 1-4 layers from the GD initialization. The warm pass starts
+The cold pass starts every cell of 1-4 layers, and FULL at every depth, from the GD
+initialization. The warm pass starts
 each cell from the best (on held-out sequences) of the recorded cells of either pass that embed
 exactly into it: one layer fewer of the same kind, or the same depth of GD++ / DIAG; with
 --across-noise also the same model and depth of the cold pass at the neighbouring noise
@@ -41,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-layers",
-        type=int,
         default=None,
-        metavar="N",
-        help="only the asked cells with at most N layers (the recipe's cold pass: 4)",
+        metavar="N[,MODEL:M]",
+        help="only the asked cells with at most N layers, MODEL at most M "
+        "(the recipe's cold pass: 4,full:7)",
     )
     parser.add_argument(
         "--seeds", type=int, default=1, help="seeds per cell, best one kept (default 1)"
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._sweep import (
         SweepError,
         cell_config,
+        depth_limit,
         merge,
         parse_cells,
         read_table,
@@ -123,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--steps must be >= 1, got {args.steps}")
         cells = parse_cells(args.models, args.layers, args.noise)
         if args.max_layers is not None:
-            if args.max_layers < 1:
-                raise SweepError(f"--max-layers must be >= 1, got {args.max_layers}")
-            cells = [c for c in cells if c.layers <= args.max_layers]
+            cells = list(filter(depth_limit(args.max_layers), cells))
         paper_dir = pathlib.Path(args.paper_dir)
         starts_from = [pathlib.Path(p) for p in args.starts_from.split(",") if p]
         if args.cold and starts_from:
