@@ -514,8 +514,9 @@ def sweep(
     """Train, evaluate and record every cell not yet recorded (all of them with `force`).
     With `warm` (the recipe), each cell starts from its best recorded candidate
     (`warm_start`) in `paper_dir` or in the finished passes `starts_from` (there also across
-    noise settings with `across_noise`); cells run noise setting by noise setting, shallow before deep and GD++
-    before DIAG before FULL, so that every candidate is trained before the cells it starts.
+    noise settings with `across_noise`); cells run noise setting by noise setting, shallow
+    before deep and GD++ before DIAG before FULL, so that every candidate is trained before
+    the cells it starts.
     The baselines are recorded once per noise setting in `baselines_dir` (default
     `paper_dir`)."""
     from ._run import run
