@@ -300,6 +300,9 @@ def test_start_loss_is_the_recorded_validation_loss(swept):
         config = cell_config(cell, None, 1, SMALL)
         got = start_loss(weights_path(tmp_path / "paper", cell), config)
         assert got == pytest.approx(validation_loss(tmp_path / "paper", cell), rel=1e-6)
+    # in float32 the selection sequences would be other ones: refused, not silently compared
+    with jax.enable_x64(False), pytest.raises(SweepError, match="jax_enable_x64"):
+        start_loss(weights_path(tmp_path / "paper", cell), config)
 
 
 def test_warm_start_across_noise_settings(swept, tmp_path):

@@ -164,13 +164,20 @@ def neighbour_candidates(cell: Cell) -> list[Cell]:
 def start_loss(path: pathlib.Path, config: Config) -> float:
     """The validation loss (the held-out selection sequences of `config`'s task) of the model
     in the weights file `path` rewritten as `config`'s model start without noise; inf if it
-    cannot start it or is not finite."""
+    cannot start it or is not finite. The selection sequences are drawn in the evaluation
+    dtype, so this needs x64 on (as eqicl's commands set it, and as the recorded losses were
+    computed): in float32 they would be other sequences, not comparable."""
     import jax
     import jax.random as jr
 
     from ._evaluate import select_losses
     from ._model import WeightsError, warm_transformer
 
+    if not jax.config.read("jax_enable_x64"):
+        raise SweepError(
+            "scoring a start needs jax_enable_x64 (eqicl._cli.setup_jax turns it on): the "
+            "recorded validation losses were computed on float64 sequences"
+        )
     model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
     try:
         start = warm_transformer(jr.key(0), model, config.task)
