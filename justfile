@@ -18,13 +18,13 @@ lint:
     ruff check .
     ruff format --check .
 
-# A cold pass (the cells of 1-4 layers and FULL at every depth, each from the GD start), then a warm pass (every cell
-# from the best, by validation loss, of its smaller trained cells of either pass), each
-# skipping the cells it has recorded, then the merge (cell by cell the pass with the lower
-# validation loss) into runs/paper/table1.csv. A part: `just sweep --noise 5,{1;3}` (the warm
-# pass starts from the cold cells recorded so far, neighbouring noise settings included: for
-# the recipe's starts, finish every part of the cold pass first). `just sweep --list` shows
-# what each pass has done.
+# A cold pass (the cells of 1-4 layers and FULL at every depth, each from the GD start), then
+# a warm pass (every cell from the best, by validation loss, of its smaller trained cells of
+# either pass and of the cold cells next to it in noise), each skipping the cells it has
+# recorded, then the merge (cell by cell the pass with the lower validation loss) into
+# runs/paper/table1.csv. A part: `just sweep --noise 5,{1;3}` (the warm pass starts from the
+# cold cells recorded so far, neighbouring noise settings included: for the recipe's starts,
+# finish every part of the cold pass first). `just sweep --list` shows what each pass has done.
 # Reproduce Table 1: cold pass, warm pass, merge into runs/paper (README: Reproducing the paper).
 sweep *ARGS:
     python -m eqicl.sweep --cold --max-layers 4,full:7 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper {{ARGS}}

@@ -17,7 +17,7 @@ from eqicl._sweep import (
     parse_cells,
     read_table,
     start_candidates,
-    start_loss,
+    start_losses,
     start_name,
     task_for,
     validation_loss,
@@ -292,17 +292,25 @@ def test_warm_start_also_looks_in_other_passes(tmp_path):
     assert start_name(tmp_path / "elsewhere" / "my-model.npz") == "my-model"
 
 
-def test_start_loss_is_the_recorded_validation_loss(swept):
-    """Scoring a recorded cell's weights as a start of the same cell reproduces the validation
-    loss its run recorded (same held-out sequences, same function)."""
+def test_start_losses_are_the_recorded_validation_losses(swept):
+    """Scoring recorded cells' weights as starts of the same cell reproduces the validation
+    loss each run recorded (same held-out sequences, same function), whether scored alone or
+    together; a file that cannot start the cell scores inf."""
     tmp_path, _ = swept
+    paper = tmp_path / "paper"
     for cell in (Cell("diag", 1, "{1;3}"), Cell("gdpp", 1, "0")):
         config = cell_config(cell, None, 1, SMALL)
-        got = start_loss(weights_path(tmp_path / "paper", cell), config)
-        assert got == pytest.approx(validation_loss(tmp_path / "paper", cell), rel=1e-6)
+        (got,) = start_losses([weights_path(paper, cell)], config)
+        assert got == pytest.approx(validation_loss(paper, cell), rel=1e-6)
+    config = cell_config(Cell("diag", 1, "0"), None, 1, SMALL)
+    paths = [weights_path(paper, Cell(m, 1, "0")) for m in ("gdpp", "diag")]
+    together = start_losses([paths[0], tmp_path / "missing.npz", paths[1]], config)
+    alone = [start_losses([p], config)[0] for p in paths]
+    assert together[1] == math.inf
+    assert [together[0], together[2]] == pytest.approx(alone, rel=1e-12)
     # in float32 the selection sequences would be other ones: refused, not silently compared
     with jax.enable_x64(False), pytest.raises(SweepError, match="jax_enable_x64"):
-        start_loss(weights_path(tmp_path / "paper", cell), config)
+        start_losses(paths, config)
 
 
 def test_warm_start_across_noise_settings(swept, tmp_path):
@@ -320,7 +328,7 @@ def test_warm_start_across_noise_settings(swept, tmp_path):
     assert warm_start(own, cell, config, also=[cold]) is None
     neighbour = weights_path(cold, Cell("diag", 1, "0"))
     assert warm_start(own, cell, config, also=[cold], across_noise=True) == neighbour
-    loss = start_loss(neighbour, config)
+    (loss,) = start_losses([neighbour], config)
     assert math.isfinite(loss) and loss != validation_loss(cold, Cell("diag", 1, "0"))
     _record_candidate(own, Cell("gdpp", 1, "1"), loss * 1.01)
     assert warm_start(own, cell, config, also=[cold], across_noise=True) == neighbour

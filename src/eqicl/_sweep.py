@@ -161,13 +161,16 @@ def neighbour_candidates(cell: Cell) -> list[Cell]:
     return [Cell(cell.model, cell.layers, c) for c in NEIGHBOURS[cell.column]]
 
 
-def start_loss(path: pathlib.Path, config: Config) -> float:
-    """The validation loss (the held-out selection sequences of `config`'s task) of the model
-    in the weights file `path` rewritten as `config`'s model start without noise; inf if it
-    cannot start it or is not finite. The selection sequences are drawn in the evaluation
-    dtype, so this needs x64 on (as eqicl's commands set it, and as the recorded losses were
-    computed): in float32 they would be other sequences, not comparable."""
+def start_losses(paths: Sequence[pathlib.Path], config: Config) -> list[float]:
+    """The validation losses (the held-out selection sequences of `config`'s task) of the
+    models in the weights files `paths`, each rewritten as `config`'s model start without
+    noise, scored together on one draw of those sequences; inf for a file that cannot start
+    it or a loss that is not finite. The sequences are drawn in the evaluation dtype, so this
+    needs x64 on (as eqicl's commands set it, and as the recorded losses were computed): in
+    float32 they would be other sequences, not comparable."""
+    import equinox as eqx
     import jax
+    import jax.numpy as jnp
     import jax.random as jr
 
     from ._evaluate import select_losses
@@ -178,14 +181,22 @@ def start_loss(path: pathlib.Path, config: Config) -> float:
             "scoring a start needs jax_enable_x64 (eqicl._cli.setup_jax turns it on): the "
             "recorded validation losses were computed on float64 sequences"
         )
-    model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
-    try:
-        start = warm_transformer(jr.key(0), model, config.task)
-    except WeightsError:
-        return math.inf
-    stacked = jax.tree.map(lambda a: a[None] if isinstance(a, jax.Array) else a, start)
-    loss = float(select_losses(stacked, config)[0])
-    return loss if math.isfinite(loss) else math.inf
+    out, parts, index = [math.inf] * len(paths), [], []
+    for i, path in enumerate(paths):
+        model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
+        try:
+            parts.append(
+                eqx.partition(warm_transformer(jr.key(0), model, config.task), eqx.is_array)
+            )
+        except WeightsError:
+            continue
+        index.append(i)
+    if parts:  # one ensemble: every start in the run's units, so the same static structure
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(p for p, _ in parts))
+        losses = select_losses(eqx.combine(stacked, parts[0][1]), config)
+        for i, loss in zip(index, losses.tolist(), strict=True):
+            out[i] = loss if math.isfinite(loss) else math.inf
+    return out
 
 
 def warm_start(
@@ -205,39 +216,37 @@ def warm_start(
     `also` in order.
 
     With `across_noise` (and `config`), the same model and depth recorded in `also` for the
-    neighbouring noise settings (`neighbour_candidates`) compete too, with their loss on this
-    cell's validation sequences (`start_loss`): a cell can take a basin its neighbour found."""
+    neighbouring noise settings (`neighbour_candidates`) compete too, after those, with their
+    loss on this cell's validation sequences (`start_losses`): a cell can take a basin its
+    neighbour found."""
     import equinox as eqx
     import jax.random as jr
 
     from ._model import WeightsError, load_weights, warm_transformer
 
-    best, best_loss = None, math.inf
-    for cand in start_candidates(cell):
-        for where in (paper_dir, *also):
-            path = weights_path(where, cand)
-            if not path.is_file():
-                continue
-            loss = validation_loss(where, cand)
-            try:
-                if config is None:
-                    load_weights(path)
-                else:
-                    model = dataclasses.replace(config.model, init_from=str(path))
-                    eqx.filter_eval_shape(warm_transformer, jr.key(0), model, config.task)
-            except WeightsError:
-                continue
-            if loss < best_loss:
-                best, best_loss = path, loss
+    def can_start(path):
+        try:
+            if config is None:
+                load_weights(path)
+            else:
+                model = dataclasses.replace(config.model, init_from=str(path))
+                eqx.filter_eval_shape(warm_transformer, jr.key(0), model, config.task)
+        except WeightsError:
+            return False
+        return True
+
+    scored = [
+        (path, validation_loss(where, cand))
+        for cand in start_candidates(cell)
+        for where in (paper_dir, *also)
+        if (path := weights_path(where, cand)).is_file() and can_start(path)
+    ]
     if across_noise and config is not None:
-        for cand in neighbour_candidates(cell):
-            for where in also:
-                path = weights_path(where, cand)
-                if path.is_file():
-                    loss = start_loss(path, config)
-                    if loss < best_loss:
-                        best, best_loss = path, loss
-    return best
+        paths = [weights_path(where, cand) for cand in neighbour_candidates(cell) for where in also]
+        paths = [p for p in paths if p.is_file()]
+        scored += zip(paths, start_losses(paths, config), strict=True)
+    best, loss = min(scored, key=lambda s: s[1], default=(None, math.inf))
+    return best if math.isfinite(loss) else None
 
 
 def start_name(path: pathlib.Path | str) -> str:
