@@ -156,8 +156,8 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
     for args, message in [
         (["--cold", "--starts-from", str(tmp_path)], "takes no --starts-from"),
         (["--starts-from", str(tmp_path / "nowhere")], "no table1.csv there"),
-        (["--max-layers", "0"], "--max-layers must be >= 1"),
-        (["--max-layers", "4,full:0"], "--max-layers must be >= 1"),
+        (["--max-layers", "0"], "--max-layers must be N >= 1 and M >= 0"),
+        (["--max-layers", "4,full:-1"], "--max-layers must be N >= 1 and M >= 0"),
         (["--max-layers", "4,mlp:7"], "unknown model 'mlp'"),
         (["--max-layers", "four"], "must be N or N,MODEL:M"),
         (["--across-noise"], "takes its starts from --starts-from"),
@@ -185,6 +185,9 @@ def test_max_layers_keeps_the_shallow_cells(tmp_path, capsys):
     assert main(args + ["--max-layers", "2,FULL:3"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["diag-L1-u3", "full-L1-u3", "diag-L2-u3", "full-L2-u3", "full-L3-u3"]
+    assert main(args + ["--max-layers", "2,full:0"]) == 0  # the polish pass's "no FULL"
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["diag-L1-u3", "diag-L2-u3"]
 
 
 def test_figures_redraw_from_committed_files(swept):
@@ -410,3 +413,63 @@ def test_checking_a_warm_started_run_never_reads_its_start(tmp_path):
     warm = cell_config(cell, None, 2, SMALL, str(tmp_path / "d.npz"))
     state = eqicl.init_ensemble(warm)
     assert jax.tree.structure(state) == jax.tree.structure(skeleton(cold))
+
+
+def test_polish_pass_records_the_best_start_by_validation_loss(swept, tmp_path, capsys):
+    """The polish pass scores the recorded weights, their polished starts (GD++, DIAG) and the
+    polished narrower cells (embedded) on the cell's validation sequences, records the best
+    like a trained cell, skips recorded cells, and its results merge with the passes they
+    came from. A FULL cell is not polished itself: it gets the narrower cells' results."""
+    import shutil
+
+    from eqicl._sweep import TABLE_FIELDS, _write_csv
+
+    source, out = tmp_path / "paper", tmp_path / "polish"
+    shutil.copytree(swept[0] / "paper", source)
+    args = ["--polish", str(source), "--layers", "1", "--noise", "0", "--steps", "5"]
+    args += ["--paper-dir", str(out), "--no-progress"]
+    for s in SMALL:
+        args += ["--set", s]
+    assert main(args + ["--models", "gdpp,diag"]) == 0
+    assert "2 to polish" in capsys.readouterr().out
+    rows = read_table(out / "table1.csv")
+    assert set(rows) == {Cell("gdpp", 1, "0"), Cell("diag", 1, "0")}
+    polished = [f"polished start {k}" for k in range(4)]
+    for cell, row in rows.items():
+        assert row["status"] == "ok" and row["init"] == f"paper/{cell.name}"
+        sel = json.loads((out / "cells" / f"{cell.name}.json").read_text())["selection"]
+        narrower = ["polish/gdpp-L1-u0"] if cell.model == "diag" else []
+        assert sel["candidates"] == [f"paper/{cell.name}", *polished, *narrower]
+        assert len(sel["losses"]) == len(sel["candidates"])
+        # candidate 0 is the recorded model itself: its validation loss is the recorded one
+        assert sel["losses"][0] == pytest.approx(validation_loss(source, cell), rel=1e-9)
+        assert sel["losses"][sel["best"]] == min(sel["losses"])
+        _, meta = eqicl.load_weights(weights_path(out, cell))
+        assert meta["select_loss"] == sel["losses"][sel["best"]]
+    assert main(args + ["--models", "gdpp,diag"]) == 0
+    assert "2 already polished" in capsys.readouterr().out
+
+    # a FULL cell recorded in the source (here its GD start): only embedded candidates
+    full = Cell("full", 1, "0")
+    config = cell_config(full, None, 1, SMALL)
+    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+    eqicl.save_weights(model, weights_path(source, full), select_loss=1.0)
+    table = read_table(source / "table1.csv")
+    table[full] = {**table[Cell("diag", 1, "0")], "method": "FULL"}
+    _write_csv(source / "table1.csv", TABLE_FIELDS, table.values())
+    assert main(args + ["--models", "full"]) == 0
+    sel = json.loads((out / "cells" / "full-L1-u0.json").read_text())["selection"]
+    assert sel["candidates"] == ["paper/full-L1-u0", "polish/gdpp-L1-u0", "polish/diag-L1-u0"]
+    # the narrower cells keep their validation losses as FULL models (the same functions)
+    by_name = dict(zip(sel["candidates"], sel["losses"], strict=True))
+    for name in ("gdpp-L1-u0", "diag-L1-u0"):
+        _, meta = eqicl.load_weights(out / "weights" / f"{name}.npz")
+        assert by_name[f"polish/{name}"] == pytest.approx(meta["select_loss"], rel=1e-9)
+    assert sel["best"] > 0  # the GD step is not the best one-layer model
+
+    merged = tmp_path / "merged"
+    assert main(["--merge", f"{source},{out}", "--paper-dir", str(merged)]) == 0
+    assert len(read_table(merged / "table1.csv")) == 5
+    assert main(["--polish", str(tmp_path / "none"), "--paper-dir", str(out)]) == 2
+    assert "no table1.csv there" in capsys.readouterr().err
+    assert main(["--polish", str(source), "--cold", "--paper-dir", str(out)]) == 2

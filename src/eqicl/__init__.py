@@ -98,6 +98,8 @@ from ._model import save_weights as save_weights
 from ._model import warm_transformer as warm_transformer
 from ._paper import paper_table as paper_table
 from ._paper import paper_value as paper_value
+from ._polish import perturb as perturb
+from ._polish import polish as polish
 from ._run import (
     RunDirError as RunDirError,
 )

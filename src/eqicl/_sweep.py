@@ -287,7 +287,7 @@ def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
 
 def depth_limit(text: str) -> Callable[[Cell], bool]:
     """`--max-layers`: "N" keeps the cells of at most N layers; "N,MODEL:M,..." allows MODEL
-    up to M layers instead (the recipe's cold pass: "4,full:7")."""
+    up to M layers instead (the recipe's cold pass: "4,full:7"; "3,full:0": no FULL cell)."""
     head, *rest = [p.strip() for p in text.split(",")]
     pairs = [part.split(":", 1) if ":" in part else [part, ""] for part in rest]
     try:
@@ -300,8 +300,8 @@ def depth_limit(text: str) -> Callable[[Cell], bool]:
     unknown = [m for m in limits if m not in MODELS]
     if unknown:
         raise SweepError(f"--max-layers: unknown model {unknown[0]!r} (one of {', '.join(MODELS)})")
-    if min([default, *limits.values()]) < 1:
-        raise SweepError(f"--max-layers must be >= 1, got {text!r}")
+    if default < 1 or min(limits.values(), default=0) < 0:
+        raise SweepError(f"--max-layers must be N >= 1 and M >= 0, got {text!r}")
     return lambda cell: cell.layers <= limits.get(cell.model, default)
 
 
@@ -662,3 +662,148 @@ def merge(
         )
     echo("merged: " + ", ".join(f"{n} cells from {k}" for k, n in counts.items()))
     return counts
+
+
+# The recipe's polish pass (eqicl._polish): GD++ and DIAG cells of at most 3 layers.
+POLISH_STARTS = 4
+POLISH_ITERATIONS = 50
+POLISH_SEQUENCES = 20_000
+
+
+def _stack(models):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    static = eqx.partition(models[0], eqx.is_array)[1]
+    arrays = [eqx.filter(m, eqx.is_array) for m in models]
+    return eqx.combine(jax.tree.map(lambda *a: jnp.stack(a), *arrays), static)
+
+
+def polish_pass(
+    source: pathlib.Path,
+    cells: Sequence[Cell],
+    paper_dir: pathlib.Path,
+    starts: int = POLISH_STARTS,
+    iterations: int = POLISH_ITERATIONS,
+    sequences: int = POLISH_SEQUENCES,
+    extra: Sequence[str] = (),
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> list[dict]:
+    """A sweep pass that trains nothing with Adam. Each of `cells` recorded in `source` (a
+    paper directory: the recipe's merge) gets these candidates:
+    - its recorded weights;
+    - for GD++ and DIAG, those weights polished (`eqicl._polish.polish`: L-BFGS on the exact
+      objective over `sequences` fixed sequences, float64), and `starts - 1` perturbed copies
+      of them polished (FULL is not polished: its 242 parameters per layer fit the sample's
+      rare heavy sequences instead);
+    - the cells of a narrower kind and the same depth already recorded by this pass (GD++
+      into DIAG and FULL, DIAG into FULL), embedded exactly.
+    The best on the cell's validation sequences is evaluated and recorded in `paper_dir` like
+    a trained cell (`init` names the source, `steps` the L-BFGS iterations; its cell file
+    lists the candidates and their validation losses), so that `merge` can weigh it against
+    the other passes. The recorded weights are a candidate, so a cell never gets worse on
+    validation. Cells already in `paper_dir` are skipped unless `force`; a pass runs GD++
+    before DIAG before FULL, so the narrower candidates exist."""
+    import jax.random as jr
+    import numpy as np
+
+    from ._evaluate import cast, eval_dtype, evaluate, select_losses
+    from ._model import save_weights, warm_transformer
+    from ._polish import perturb, polish
+    from ._task import prng_key
+
+    if starts < 1 or iterations < 1 or sequences < 1:
+        raise SweepError("the polish starts, iterations and sequences must be >= 1")
+    if not (source / "table1.csv").is_file():
+        raise SweepError(f"--polish {source}: no table1.csv there (run the passes it polishes)")
+    recorded = read_table(source / "table1.csv")
+    have = [
+        c
+        for c in cells
+        if c in recorded and recorded[c].get("status") == "ok" and weights_path(source, c).is_file()
+    ]
+    done = read_table(paper_dir / "table1.csv")
+    todo = sorted(
+        (c for c in have if force or c not in done),
+        key=lambda c: (COLUMNS.index(c.column), c.layers, MODELS.index(c.model)),
+    )
+    echo(
+        f"{len(cells)} cells asked, {len(cells) - len(have)} not recorded in {source}, "
+        f"{len(have) - len(todo)} already polished in {paper_dir}, {len(todo)} to polish"
+    )
+
+    def embedded(path: pathlib.Path, config: Config):
+        """The model in `path` as the cell's model, the same function (no noise)."""
+        model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
+        return warm_transformer(jr.key(0), model, config.task, eval_dtype())
+
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="polish", unit="cell", dynamic_ncols=True)
+    out = []
+    t_all = time.perf_counter()
+    with reuse_test_data():
+        try:
+            for i, cell in enumerate(todo):
+                src = weights_path(source, cell)
+                config = cell_config(cell, iterations, 1, extra, str(src))
+                t0 = time.perf_counter()
+                model = embedded(src, config)
+                candidates, names = [model], [start_name(src)]
+                if cell.model != "full":
+                    # Not one of the tune / test / profile / select keys (eqicl._evaluate).
+                    key = jr.fold_in(prng_key(config.eval.seed), 4)
+                    firsts = [model] + [
+                        perturb(model, jr.fold_in(key, 1000 + k)) for k in range(1, starts)
+                    ]
+                    polished, _ = polish(firsts, config.task, key, sequences, iterations)
+                    candidates += [cast(m, eval_dtype()) for m in polished]
+                    names += [f"polished start {k}" for k in range(starts)]
+                for narrower in MODELS[: MODELS.index(cell.model)]:
+                    path = weights_path(paper_dir, Cell(narrower, cell.layers, cell.column))
+                    if path.is_file():
+                        candidates.append(embedded(path, config))
+                        names.append(start_name(path))
+                losses = np.asarray(select_losses(_stack(candidates), config), np.float64)
+                losses = np.where(np.isfinite(losses), losses, np.inf)
+                best = int(np.argmin(losses))
+                train_seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                result = evaluate(candidates[best], config, baselines=False)
+                selection = {
+                    "losses": [float(v) for v in losses],
+                    "best": best,
+                    "candidates": names,
+                }
+                if not result["model"]["finite"]:
+                    result = {"status": "failed", "reason": "non-finite predictions"}
+                else:
+                    result.update(status="ok", eval_seconds=time.perf_counter() - t1)
+                    save_weights(
+                        candidates[best],
+                        weights_path(paper_dir, cell),
+                        select_loss=float(losses[best]),
+                    )
+                result.update(selection=selection, train_seconds=train_seconds)
+                row = record_cell(paper_dir, cell, config, result)
+                out.append(row)
+                msg = (
+                    f"[{i + 1}/{len(todo)}] {cell.name}: {row['exact']} ± {row['exact_se']} "
+                    f"(paper {row['paper']}), {names[best]}: validation {losses[0]:.4g} -> "
+                    f"{losses[best]:.4g}, {train_seconds:.0f} s"
+                )
+                if bar is not None:
+                    bar.write(msg)
+                    bar.update(1)
+                else:
+                    echo(msg)
+        finally:
+            if bar is not None:
+                bar.close()
+    echo(f"polish: {len(out)} cells in {time.perf_counter() - t_all:.0f} s")
+    return out

@@ -8,11 +8,13 @@ an interrupted cell resumes from its checkpoint. Examples:
     python -m eqicl.sweep --models diag --layers 1-3 --noise 3,5
     python -m eqicl.sweep --list                            # what would run, and what is done
 
-The recipe (`just sweep`) is two passes and a merge:
+The recipe (`just sweep`) is two passes, a merge, a polish pass and the merge again:
 
     python -m eqicl.sweep --cold --max-layers 4,full:7 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper
     python -m eqicl.sweep --starts-from runs/paper/cold --across-noise --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper
     python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm    # into runs/paper
+    python -m eqicl.sweep --polish runs/paper --max-layers 3 --paper-dir runs/paper/polish
+    python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm,runs/paper/polish
 
 The cold pass starts every cell of 1-4 layers, and FULL at every depth, from the GD
 initialization. The warm pass starts
@@ -21,8 +23,11 @@ exactly into it: one layer fewer of the same kind, or the same depth of GD++ / D
 --across-noise also the same model and depth of the cold pass at the neighbouring noise
 settings, scored on the cell's own validation sequences. So a cell can leave a bad basin by
 starting where a cold cell found a good one. The merge keeps, cell by cell, the pass with the
-lower validation loss. Trained weights go to <paper-dir>/weights/. Run the cold pass first:
-the warm pass reads its results.
+lower validation loss. The polish pass refines the merged GD++ and DIAG cells of at most 3
+layers by L-BFGS on a fixed sample (eqicl._polish), from their weights and from 3 perturbed
+copies: Adam leaves them in local minima that this escapes; every cell of at most 3 layers,
+FULL included, also gets its polished narrower cells as candidates. Trained weights go to
+<paper-dir>/weights/. Run the cold pass first: the warm pass reads its results.
 """
 
 import argparse
@@ -92,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         "passes' results (the recipe's last step); trains nothing",
     )
     parser.add_argument(
+        "--polish",
+        default=None,
+        metavar="DIR",
+        help="a polish pass: each asked cell recorded in DIR (the recipe: the merge, "
+        "runs/paper), GD++ and DIAG refined by L-BFGS from its weights and 3 perturbed "
+        "copies, every cell also started from its polished narrower cells; the best on its "
+        "validation sequences recorded in --paper-dir (--steps: L-BFGS iterations, default "
+        "50); trains nothing with Adam",
+    )
+    parser.add_argument(
         "--baselines-dir", default=None, help="where the baselines go (default: --paper-dir)"
     )
     parser.add_argument("--run-root", default="runs/sweep", help="where cell run directories go")
@@ -107,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_jax()
     from ._run import RunDirError
     from ._sweep import (
+        POLISH_ITERATIONS,
         SweepError,
         cell_config,
         depth_limit,
         merge,
         parse_cells,
+        polish_pass,
         read_table,
         start_name,
         sweep,
@@ -137,6 +154,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise SweepError(f"--starts-from {p}: no table1.csv there (run that pass first)")
         if args.merge:
             merge([pathlib.Path(p) for p in args.merge.split(",") if p], paper_dir)
+            return 0
+        if args.polish:
+            if args.cold or starts_from:
+                raise SweepError("--polish starts from recorded cells: no --cold/--starts-from")
+            polish_pass(
+                pathlib.Path(args.polish),
+                cells,
+                paper_dir,
+                iterations=args.steps or POLISH_ITERATIONS,
+                extra=args.overrides,
+                force=args.force,
+                progress=not args.no_progress,
+            )
             return 0
         if args.list:
             done = read_table(paper_dir / "table1.csv")
