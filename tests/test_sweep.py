@@ -448,6 +448,9 @@ def test_polish_pass_records_the_best_start_by_validation_loss(swept, tmp_path, 
         assert meta["select_loss"] == sel["losses"][sel["best"]]
     assert main(args + ["--models", "gdpp,diag"]) == 0
     assert "2 already polished" in capsys.readouterr().out
+    assert main(args + ["--list", "--models", "gdpp,full"]) == 0  # lists, runs nothing
+    listed = capsys.readouterr().out.split()
+    assert listed[:5] == ["gdpp-L1-u0", "polished", "full-L1-u0", "not", "in"]
 
     # a FULL cell recorded in the source (here its GD start): only embedded candidates
     full = Cell("full", 1, "0")

@@ -158,6 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.polish:
             if args.cold or starts_from:
                 raise SweepError("--polish starts from recorded cells: no --cold/--starts-from")
+            if args.list:
+                source = pathlib.Path(args.polish)
+                have = read_table(source / "table1.csv")
+                done = read_table(paper_dir / "table1.csv")
+                for cell in cells:
+                    state = (
+                        "polished"
+                        if cell in done
+                        else "to polish"
+                        if cell in have
+                        else f"not in {source}"
+                    )
+                    print(f"{cell.name:<16} {state}")
+                return 0
             polish_pass(
                 pathlib.Path(args.polish),
                 cells,
