@@ -512,6 +512,36 @@ def recorded_baseline_columns(paper_dir: pathlib.Path) -> set[str]:
     return {noise for _, noise in read_baselines(paper_dir)}
 
 
+class _Progress:
+    """A progress bar over `total` units of work when `enabled` (and there is work), else
+    nothing: `working(name)` shows what runs, `done(message, amount)` writes the message (above
+    the bar, or through `echo` without one) and advances the bar."""
+
+    def __init__(
+        self, total: int, desc: str, unit: str, enabled: bool, echo: Callable[[str], None]
+    ):
+        self.echo, self.bar = echo, None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+    def working(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+
+    def done(self, message: str, amount: int = 1) -> None:
+        if self.bar is None:
+            self.echo(message)
+        else:
+            self.bar.write(message)
+            self.bar.update(amount)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def sweep(
     cells: Sequence[Cell],
     run_root: pathlib.Path,
@@ -556,12 +586,8 @@ def sweep(
             record_baselines(
                 baselines_dir, column, cell_config(Cell("diag", 3, column), steps, seeds, extra)
             )
-    bar = None
     weights = {c: c.layers + 2 for c in todo}  # deeper cells cost more; for the estimate
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(weights.values()), desc="sweep", unit="work", dynamic_ncols=True)
+    bar = _Progress(sum(weights.values()), "sweep", "work", progress, echo)
     out = []
     t0 = time.perf_counter()
     # Noise setting by noise setting, so that its test sequences are drawn once (see
@@ -580,8 +606,7 @@ def sweep(
                     )
                     if start is not None:
                         config = cell_config(cell, steps, seeds, extra, str(start))
-                if bar is not None:
-                    bar.set_postfix_str(cell.name)
+                bar.working(cell.name)
                 result = run(
                     config,
                     run_root / cell.name,
@@ -595,14 +620,9 @@ def sweep(
                 out.append(row)
                 paper = f" (paper {row['paper']})" if row["paper"] else ""
                 msg = f"[{i + 1}/{len(todo)}] {cell.name} (from {row['init']}): {row['exact']} ± {row['exact_se']}{paper} {row['status']}, {float(row['train_seconds']):.0f} s train"
-                if bar is not None:
-                    bar.write(msg)
-                    bar.update(weights[cell])
-                else:
-                    echo(msg)
+                bar.done(msg, weights[cell])
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     echo(f"sweep: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -740,16 +760,13 @@ def polish_pass(
         model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
         return warm_transformer(jr.key(0), model, config.task, eval_dtype())
 
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="polish", unit="cell", dynamic_ncols=True)
+    bar = _Progress(len(todo), "polish", "cell", progress, echo)
     out = []
     t_all = time.perf_counter()
     with reuse_test_data():
         try:
             for i, cell in enumerate(todo):
+                bar.working(cell.name)
                 src = weights_path(source, cell)
                 config = cell_config(cell, iterations, 1, extra, str(src))
                 t0 = time.perf_counter()
@@ -797,13 +814,8 @@ def polish_pass(
                     f"(paper {row['paper']}), {names[best]}: validation {losses[0]:.4g} -> "
                     f"{losses[best]:.4g}, {train_seconds:.0f} s"
                 )
-                if bar is not None:
-                    bar.write(msg)
-                    bar.update(1)
-                else:
-                    echo(msg)
+                bar.done(msg)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     echo(f"polish: {len(out)} cells in {time.perf_counter() - t_all:.0f} s")
     return out
