@@ -18,12 +18,9 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._config import TaskConfig
+from ._evaluate import cast
 from ._fast import final_weights, posterior_mean, sample_stats
 from ._model import LinearTransformer
-
-
-def _as(model: LinearTransformer, dtype) -> LinearTransformer:
-    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
 
 
 def perturb(model: LinearTransformer, key: PRNGKeyArray, scale: float = 0.5) -> LinearTransformer:
@@ -38,22 +35,25 @@ def perturb(model: LinearTransformer, key: PRNGKeyArray, scale: float = 0.5) -> 
 
 
 def polish_objective(model: LinearTransformer, task: TaskConfig, key: PRNGKeyArray, sequences: int):
-    """(flat parameters of `model` in float64, the fixed sample (statistics and posterior
-    means μ), `loss(flat, sample)`, unflatten). The sample is an argument of the loss, not a
-    constant inside it: XLA would otherwise constant-fold through it while compiling
-    (minutes, measured); μ is computed once, not at every evaluation."""
-    model = _as(model, jnp.float64)
+    """(the fixed sample (statistics and posterior means μ), `loss(flat, sample)`,
+    `flatten(model)` (its parameters as one float64 vector), `unflatten(flat)`) for models of
+    `model`'s structure. The sample is an argument of the loss, not a constant inside it: XLA
+    would otherwise constant-fold through it while compiling (minutes, measured); μ is
+    computed once, not at every evaluation."""
     stats = sample_stats(key, task, sequences, jnp.float64, "wishart")
     sample = (stats.s, posterior_mean(stats))
-    dynamic, static = eqx.partition(model, eqx.is_inexact_array)
-    flat, unravel = ravel_pytree(dynamic)
+    dynamic, static = eqx.partition(cast(model, jnp.float64), eqx.is_inexact_array)
+    unravel = ravel_pytree(dynamic)[1]
+
+    def flatten(m: LinearTransformer) -> Float[Array, " p"]:
+        return ravel_pytree(eqx.filter(cast(m, jnp.float64), eqx.is_inexact_array))[0]
 
     def loss(f: Float[Array, " p"], sample) -> Float[Array, ""]:
         s, mu = sample
         w = final_weights(eqx.combine(unravel(f), static), s)
         return 0.5 * jnp.mean(jnp.sum((w - mu) ** 2, axis=0))
 
-    return flat, sample, loss, lambda f: eqx.combine(unravel(f), static)
+    return sample, loss, flatten, lambda f: eqx.combine(unravel(f), static)
 
 
 def polish(
@@ -72,10 +72,8 @@ def polish(
     its starting loss."""
     if not jax.config.read("jax_enable_x64"):
         raise RuntimeError("polish needs jax_enable_x64 (eqicl's commands turn it on)")
-    first, sample, loss, unflat = polish_objective(models[0], task, key, sequences)
-    starts = [first] + [
-        ravel_pytree(eqx.filter(_as(m, jnp.float64), eqx.is_inexact_array))[0] for m in models[1:]
-    ]
+    sample, loss, flatten, unflat = polish_objective(models[0], task, key, sequences)
+    starts = [flatten(m) for m in models]
     opt = optax.lbfgs()
 
     @jax.jit

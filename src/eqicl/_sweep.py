@@ -161,6 +161,30 @@ def neighbour_candidates(cell: Cell) -> list[Cell]:
     return [Cell(cell.model, cell.layers, c) for c in NEIGHBOURS[cell.column]]
 
 
+def start_model(path: pathlib.Path, config: Config, dtype=None):
+    """The model in the weights file `path` rewritten as `config`'s model, the same function
+    (`warm_transformer` without noise), in `dtype` (default float32, as a run starts);
+    WeightsError if it cannot start that model."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    from ._model import warm_transformer
+
+    model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
+    return warm_transformer(jr.key(0), model, config.task, dtype or jnp.float32)
+
+
+def _stack(models):
+    """Models of one structure as one ensemble (parameters stacked on a leading axis)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    static = eqx.partition(models[0], eqx.is_array)[1]
+    arrays = [eqx.filter(m, eqx.is_array) for m in models]
+    return eqx.combine(jax.tree.map(lambda *a: jnp.stack(a), *arrays), static)
+
+
 def start_losses(paths: Sequence[pathlib.Path], config: Config) -> list[float]:
     """The validation losses (the held-out selection sequences of `config`'s task) of the
     models in the weights files `paths`, each rewritten as `config`'s model start without
@@ -168,32 +192,25 @@ def start_losses(paths: Sequence[pathlib.Path], config: Config) -> list[float]:
     it or a loss that is not finite. The sequences are drawn in the evaluation dtype, so this
     needs x64 on (as eqicl's commands set it, and as the recorded losses were computed): in
     float32 they would be other sequences, not comparable."""
-    import equinox as eqx
     import jax
-    import jax.numpy as jnp
-    import jax.random as jr
 
     from ._evaluate import select_losses
-    from ._model import WeightsError, warm_transformer
+    from ._model import WeightsError
 
     if not jax.config.read("jax_enable_x64"):
         raise SweepError(
             "scoring a start needs jax_enable_x64 (eqicl._cli.setup_jax turns it on): the "
             "recorded validation losses were computed on float64 sequences"
         )
-    out, parts, index = [math.inf] * len(paths), [], []
+    out, models, index = [math.inf] * len(paths), [], []
     for i, path in enumerate(paths):
-        model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
         try:
-            parts.append(
-                eqx.partition(warm_transformer(jr.key(0), model, config.task), eqx.is_array)
-            )
+            models.append(start_model(path, config))
         except WeightsError:
             continue
         index.append(i)
-    if parts:  # one ensemble: every start in the run's units, so the same static structure
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(p for p, _ in parts))
-        losses = select_losses(eqx.combine(stacked, parts[0][1]), config)
+    if models:  # one ensemble: every start in the run's units, so the same static structure
+        losses = select_losses(_stack(models), config)
         for i, loss in zip(index, losses.tolist(), strict=True):
             out[i] = loss if math.isfinite(loss) else math.inf
     return out
@@ -690,16 +707,6 @@ POLISH_ITERATIONS = 50
 POLISH_SEQUENCES = 20_000
 
 
-def _stack(models):
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-
-    static = eqx.partition(models[0], eqx.is_array)[1]
-    arrays = [eqx.filter(m, eqx.is_array) for m in models]
-    return eqx.combine(jax.tree.map(lambda *a: jnp.stack(a), *arrays), static)
-
-
 def polish_pass(
     source: pathlib.Path,
     cells: Sequence[Cell],
@@ -731,7 +738,7 @@ def polish_pass(
     import numpy as np
 
     from ._evaluate import cast, eval_dtype, evaluate, select_losses
-    from ._model import save_weights, warm_transformer
+    from ._model import save_weights
     from ._polish import perturb, polish
     from ._task import prng_key
 
@@ -755,11 +762,6 @@ def polish_pass(
         f"{len(have) - len(todo)} already polished in {paper_dir}, {len(todo)} to polish"
     )
 
-    def embedded(path: pathlib.Path, config: Config):
-        """The model in `path` as the cell's model, the same function (no noise)."""
-        model = dataclasses.replace(config.model, init_from=str(path), init_scale=0.0)
-        return warm_transformer(jr.key(0), model, config.task, eval_dtype())
-
     bar = _Progress(len(todo), "polish", "cell", progress, echo)
     out = []
     t_all = time.perf_counter()
@@ -770,7 +772,7 @@ def polish_pass(
                 src = weights_path(source, cell)
                 config = cell_config(cell, iterations, 1, extra, str(src))
                 t0 = time.perf_counter()
-                model = embedded(src, config)
+                model = start_model(src, config, eval_dtype())
                 candidates, names = [model], [start_name(src)]
                 if cell.model != "full":
                     # Not one of the tune / test / profile / select keys (eqicl._evaluate).
@@ -784,7 +786,7 @@ def polish_pass(
                 for narrower in MODELS[: MODELS.index(cell.model)]:
                     path = weights_path(paper_dir, Cell(narrower, cell.layers, cell.column))
                     if path.is_file():
-                        candidates.append(embedded(path, config))
+                        candidates.append(start_model(path, config, eval_dtype()))
                         names.append(start_name(path))
                 losses = np.asarray(select_losses(_stack(candidates), config), np.float64)
                 losses = np.where(np.isfinite(losses), losses, np.inf)

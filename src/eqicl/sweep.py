@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs/paper), GD++ and DIAG refined by L-BFGS from its weights and 3 perturbed "
         "copies, every cell also started from its polished narrower cells; the best on its "
         "validation sequences recorded in --paper-dir (--steps: L-BFGS iterations, default "
-        "50); trains nothing with Adam",
+        "50; --seeds does not apply); trains nothing with Adam",
     )
     parser.add_argument(
         "--baselines-dir", default=None, help="where the baselines go (default: --paper-dir)"
