@@ -16,6 +16,7 @@ from eqicl._sweep import (
     neighbour_candidates,
     parse_cells,
     read_table,
+    recipe_steps,
     start_candidates,
     start_losses,
     start_name,
@@ -59,6 +60,17 @@ def test_cell_config_and_names():
         2,
     )
     assert config.task.label == "{1;3}" and eqicl.paper_value(config) == 0.032
+    # The recipe's steps: 1000 x (layers + 1), twice that for FULL from 5 layers.
+    recipe = {
+        (m, n): cell_config(Cell(m, n, "3"), steps=None, seeds=1).train.steps
+        for m in ("gdpp", "diag", "full")
+        for n in (1, 4, 5, 7)
+    }
+    assert recipe[("gdpp", 7)] == recipe[("diag", 7)] == 8000 and recipe[("diag", 5)] == 6000
+    assert recipe[("full", 1)] == 2000 and recipe[("full", 4)] == 5000
+    assert recipe[("full", 5)] == 12000 and recipe[("full", 7)] == 16000
+    with pytest.raises(SweepError, match="unknown model"):
+        recipe_steps("mlp", 3)
     assert (
         Cell("gdpp", 7, "{1;3;5}").name == "gdpp-L7-c1_3_5"
         and Cell("diag", 1, "0").name == "diag-L1-u0"
@@ -127,6 +139,25 @@ def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
     text, counts = compare(tmp_path / "paper")
     assert counts["missing"] == 206 and counts["matched"] + counts["beaten"] + counts["missed"] == 4
     assert "GD++ | 1 |" in text
+    # --list shows what a recorded cell was trained with, and what the config is now
+    assert main([*args, "--list", "--models", "gdpp", "--noise", "0"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "gdpp-L1-u0",
+        "recorded",
+        "steps=20",
+        "lr=0.03",
+        "seeds=1",
+        "start=gd",
+    ]
+    assert main([*args, "--list", "--models", "gdpp", "--noise", "0", "--seeds", "2"]) == 0
+    assert capsys.readouterr().out.strip().endswith("start=gd (now seeds=2: --force reruns it)")
+    # ... but the run directories hold runs of one seed: nothing runs, nothing is written
+    files = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
+    assert main([*args, "--force", "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 run directories under") and "\n" not in err.strip()
+    assert "(train.seeds: 1 in the directory, 2 asked)" in err and "nothing was run" in err
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()) == files
 
 
 def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):

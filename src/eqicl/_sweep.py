@@ -67,10 +67,14 @@ BASELINE_FIELDS = (
 LEARNING_RATES = {"gdpp": 3e-2, "diag": 3e-2, "full": 1e-2}
 
 
-def recipe_steps(layers: int) -> int:
+def recipe_steps(model: str, layers: int) -> int:
     """Training steps of a cell: deeper models keep improving for longer (DIAG 5 layers at
-    σ_max = 5 went from 0.0554 after 5,000 steps to 0.0510 after 15,000, SPEC §8)."""
-    return 1000 * (layers + 1)
+    σ_max = 5 went from 0.0554 after 5,000 steps to 0.0510 after 15,000, SPEC §8), and FULL
+    from 5 layers twice as long (FULL 5 layers at σ ∈ {1, 3} went from 0.0198 after 6,000
+    steps to 0.0165 after 12,000; README "Reproducing the paper")."""
+    if model not in LEARNING_RATES:
+        raise SweepError(f"unknown model {model!r} (one of {', '.join(LEARNING_RATES)})")
+    return 1000 * (layers + 1) * (2 if model == "full" and layers >= 5 else 1)
 
 
 class SweepError(ValueError):
@@ -129,7 +133,9 @@ def cell_config(
         f"train.seeds={seeds}",
         *column_overrides(cell.column),
     ]
-    overrides.append(f"train.steps={steps if steps is not None else recipe_steps(cell.layers)}")
+    overrides.append(
+        f"train.steps={steps if steps is not None else recipe_steps(cell.model, cell.layers)}"
+    )
     if init_from:
         overrides.append(f"model.init_from={init_from}")
     return preset("default", [*overrides, *extra])
@@ -464,6 +470,34 @@ def _resumed_config(
     return config if same == config else None
 
 
+def _foreign_run_dirs(
+    run_root: pathlib.Path,
+    cells: Sequence[Cell],
+    steps: int | None,
+    seeds: int,
+    extra: Sequence[str],
+) -> list[str]:
+    """The run directories of `cells` that hold a run the sweep would not resume (another
+    config than the recipe's, whatever its start), each with its first difference."""
+    from ._run import RunDirError, _diff, read_run_config
+
+    out = []
+    for cell in cells:
+        run_dir = run_root / cell.name
+        if not (run_dir / "config.json").is_file():
+            continue
+        if _resumed_config(run_dir, cell, steps, seeds, extra) is not None:
+            continue
+        try:
+            config = read_run_config(run_dir)
+            asked = cell_config(cell, steps, seeds, extra, config.model.init_from)
+            diffs = _diff(config.to_dict(), asked.to_dict())
+            out.append(f"{run_dir} ({diffs[0] if diffs else 'unreadable config'})")
+        except (RunDirError, ConfigError) as e:
+            out.append(f"{run_dir} ({e})")
+    return out
+
+
 def record_weights(
     paper_dir: pathlib.Path, cell: Cell, run_dir: pathlib.Path, result: dict
 ) -> None:
@@ -594,6 +628,15 @@ def sweep(
     echo(
         f"{len(cells)} cells asked, {len(cells) - len(todo)} already in {paper_dir / 'table1.csv'}, {len(todo)} to run"
     )
+    foreign = _foreign_run_dirs(run_root, todo, steps, seeds, extra)
+    if foreign:
+        n = len(foreign)
+        raise SweepError(
+            f"{n} run director{'y' if n == 1 else 'ies'} under {run_root} hold a run of another "
+            "config than asked (the recipe or --steps/--seeds/--set changed since), e.g. "
+            f"{foreign[0]}; move {'it' if n == 1 else 'them'} away or choose another "
+            "--run-root (nothing was run)"
+        )
     columns = sorted({c.column for c in cells}, key=COLUMNS.index)
     baselines_dir = paper_dir if baselines_dir is None else baselines_dir
     have = recorded_baseline_columns(baselines_dir)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=int,
         default=None,
-        help="training steps per cell (default: 1000 x (layers + 1))",
+        help="training steps per cell (default: 1000 x (layers + 1), twice that for FULL from 5 layers)",
     )
     parser.add_argument(
         "--set",
@@ -186,17 +186,25 @@ def main(argv: list[str] | None = None) -> int:
             done = read_table(paper_dir / "table1.csv")
             for cell in cells:
                 config = cell_config(cell, args.steps, args.seeds, args.overrides)
-                if cell in done:  # the start it had
-                    state, init = "recorded", done[cell]["init"] or "?"
+                now = {
+                    "steps": config.train.steps,
+                    "lr": config.train.lr,
+                    "seeds": config.train.seeds,
+                }
+                if cell in done:  # what it was recorded with
+                    row = done[cell]
+                    state, init = "recorded", row["init"] or "?"
+                    shown = {k: float(row[k]) for k in now}
+                    changed = [f"{k}={v:g}" for k, v in now.items() if shown[k] != v]
+                    after = f" (now {' '.join(changed)}: --force reruns it)" if changed else ""
                 else:
-                    state = "to run"
+                    state, shown, after = "to run", now, ""
                     start = None
                     if not args.cold:
                         start = warm_start(paper_dir, cell, config, starts_from, args.across_noise)
                     init = start_name(start) if start else config.model.init
-                print(
-                    f"{cell.name:<16} {state:<9} steps={config.train.steps} lr={config.train.lr:g} seeds={config.train.seeds} start={init}"
-                )
+                values = " ".join(f"{k}={v:g}" for k, v in shown.items())
+                print(f"{cell.name:<16} {state:<9} {values} start={init}{after}")
             return 0
         sweep(
             cells,
