@@ -161,6 +161,12 @@ def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
     assert err.startswith("error: 4 run directories under") and "\n" not in err.strip()
     assert "(train.seeds: 1 in the directory, 2 asked)" in err and "nothing was run" in err
     assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()) == files
+    # --force with the same config records the finished run's results again; nothing retrains
+    metrics = (tmp_path / "runs" / "gdpp-L1-u0" / "metrics.jsonl").read_text()
+    assert main([*args, "--force", "--models", "gdpp", "--noise", "0"]) == 0
+    assert "1 to run" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "gdpp-L1-u0" / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "paper" / "table1.csv").read_text() == before
 
 
 def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
