@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=int,
         default=None,
-        help="training steps per cell (default: 1000 x (layers + 1), twice that for DIAG and FULL from 5 layers)",
+        help="training steps per cell (default: 1000 x (layers + 1), twice that for FULL from 5 layers)",
     )
     parser.add_argument(
         "--set",
