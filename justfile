@@ -27,14 +27,15 @@ lint:
 # its polished narrower cells) and the merge again. A part:
 # `just sweep --noise 5,{1;3}` (the warm pass starts from the cold cells recorded so far,
 # neighbouring noise settings included: for the recipe's starts, finish every part of the
-# cold pass first). `just sweep --list` shows what each pass has done.
+# cold pass first). `just sweep --list` shows what each pass has done and what each merge
+# would take, and writes nothing.
 # Reproduce Table 1: cold pass, warm pass, merge, polish pass, merge (README: Reproducing the paper).
 sweep *ARGS:
     python -m eqicl.sweep --cold --max-layers 4,full:7 --paper-dir runs/paper/cold --run-root runs/sweep/cold --baselines-dir runs/paper {{ARGS}}
     python -m eqicl.sweep --starts-from runs/paper/cold --across-noise --paper-dir runs/paper/warm --run-root runs/sweep/warm --baselines-dir runs/paper {{ARGS}}
-    python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm --paper-dir runs/paper
+    python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm --paper-dir runs/paper {{ if ARGS =~ '(^| )--list( |$)' { '--list' } else { '' } }}
     python -m eqicl.sweep --polish runs/paper --max-layers 3 --paper-dir runs/paper/polish {{ARGS}}
-    python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm,runs/paper/polish --paper-dir runs/paper
+    python -m eqicl.sweep --merge runs/paper/cold,runs/paper/warm,runs/paper/polish --paper-dir runs/paper {{ if ARGS =~ '(^| )--list( |$)' { '--list' } else { '' } }}
 
 # Our Table 1 beside the paper's (runs/paper/table1_vs_paper.md).
 table:

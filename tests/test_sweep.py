@@ -419,6 +419,22 @@ def test_merge_keeps_the_pass_with_the_lower_validation_loss(tmp_path, capsys):
         _write_csv(d / "table1.csv", TABLE_FIELDS, rows)
     out = tmp_path / "paper"
     args = ["--merge", f"{tmp_path / 'cold'},{tmp_path / 'warm'}", "--paper-dir", str(out)]
+    assert main([*args, "--list"]) == 0  # what it would take, writing nothing
+    assert capsys.readouterr().out.splitlines() == [
+        "diag-L2-u3       from cold     validation cold=0.1 warm=0.2",
+        "full-L2-u3       from warm     validation cold=0.5 warm=0.3",
+    ]
+    assert not out.exists()
+    part = tmp_path / "part"  # a pass with only the DIAG row, and no cell file for it
+    part.mkdir()
+    _write_csv(
+        part / "table1.csv", TABLE_FIELDS, [read_table(tmp_path / "cold" / "table1.csv")[cells[0]]]
+    )
+    assert main(["--merge", f"{tmp_path / 'cold'},{part}", "--paper-dir", str(out), "--list"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == [
+        "diag-L2-u3       from cold     validation cold=0.1 part=inf",
+        "full-L2-u3       from cold     validation cold=0.5 part=-",
+    ]
     assert main(args) == 0
     assert "1 cells from cold, 1 cells from warm" in capsys.readouterr().out
     merged = read_table(out / "table1.csv")

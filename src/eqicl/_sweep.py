@@ -701,6 +701,29 @@ def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
+def merge_choices(
+    passes: Sequence[pathlib.Path],
+) -> tuple[dict[pathlib.Path, dict[Cell, dict]], list[tuple[Cell, pathlib.Path, dict]]]:
+    """What `merge` takes, without writing anything: the passes' tables, and for every cell
+    recorded in any of them, the pass with the lowest validation loss (ties to the earlier
+    pass; a cell failed everywhere comes from the first pass that has it) and the losses."""
+    tables = {}
+    for p in passes:
+        if not (p / "table1.csv").is_file():
+            raise SweepError(f"{p / 'table1.csv'} does not exist: run that sweep pass first")
+        tables[p] = read_table(p / "table1.csv")
+    if len({p.name for p in passes}) != len(passes):
+        raise SweepError("the passes must be directories with distinct names")
+    choices = []
+    for cell in sorted({c for t in tables.values() for c in t}, key=_order):
+        losses = {p: validation_loss(p, cell) if cell in tables[p] else math.inf for p in passes}
+        best = min(passes, key=lambda p: losses[p])
+        if not math.isfinite(losses[best]):
+            best = next(p for p in passes if cell in tables[p])  # all failed: say so
+        choices.append((cell, best, losses))
+    return tables, choices
+
+
 def merge(
     passes: Sequence[pathlib.Path], paper_dir: pathlib.Path, echo: Callable[[str], None] = print
 ) -> dict[str, int]:
@@ -710,23 +733,11 @@ def merge(
     `weights/<cell>.npz`. Never the test loss. Returns how many cells each pass gave."""
     import shutil
 
-    tables = {}
-    for p in passes:
-        if not (p / "table1.csv").is_file():
-            raise SweepError(f"{p / 'table1.csv'} does not exist: run that sweep pass first")
-        tables[p] = read_table(p / "table1.csv")
-    if len({p.name for p in passes}) != len(passes):
-        raise SweepError("the passes must be directories with distinct names")
+    tables, choices = merge_choices(passes)
     counts = {p.name: 0 for p in passes}
     with _results_lock(paper_dir):
         rows = read_table(paper_dir / "table1.csv")
-        for cell in sorted({c for t in tables.values() for c in t}, key=_order):
-            losses = {
-                p: validation_loss(p, cell) if cell in tables[p] else math.inf for p in passes
-            }
-            best = min(passes, key=lambda p: losses[p])
-            if not math.isfinite(losses[best]):
-                best = next(p for p in passes if cell in tables[p])  # all failed: say so
+        for cell, best, losses in choices:
             counts[best.name] += 1
             rows[cell] = {**tables[best][cell], "pass": best.name}
             (paper_dir / "cells").mkdir(parents=True, exist_ok=True)

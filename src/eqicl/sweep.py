@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-root", default="runs/sweep", help="where cell run directories go")
     parser.add_argument("--paper-dir", default="runs/paper", help="where the committed results go")
     parser.add_argument(
-        "--list", action="store_true", help="list the cells and their state, run nothing"
+        "--list",
+        action="store_true",
+        help="list the cells and their state (with --merge: the pass each cell would come from), run and write nothing",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         cell_config,
         depth_limit,
         merge,
+        merge_choices,
         parse_cells,
         polish_pass,
         read_table,
@@ -153,7 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             if not (p / "table1.csv").is_file():
                 raise SweepError(f"--starts-from {p}: no table1.csv there (run that pass first)")
         if args.merge:
-            merge([pathlib.Path(p) for p in args.merge.split(",") if p], paper_dir)
+            passes = [pathlib.Path(p) for p in args.merge.split(",") if p]
+            if args.list:  # what the merge would take, writing nothing
+                tables, choices = merge_choices(passes)
+                for cell, best, losses in choices:
+                    scores = " ".join(
+                        f"{p.name}={losses[p]:.6g}" if cell in tables[p] else f"{p.name}=-"
+                        for p in passes
+                    )
+                    print(f"{cell.name:<16} from {best.name:<8} validation {scores}")
+                return 0
+            merge(passes, paper_dir)
             return 0
         if args.polish:
             if args.cold or starts_from:
