@@ -153,7 +153,7 @@ def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
         "start=gd",
     ]
     assert main([*args, "--list", "--models", "gdpp", "--noise", "0", "--seeds", "2"]) == 0
-    assert capsys.readouterr().out.strip().endswith("start=gd (now seeds=2: --force reruns it)")
+    assert capsys.readouterr().out.strip().endswith("start=gd (asked now: seeds=2)")
     # ... but the run directories hold runs of one seed: nothing runs, nothing is written
     files = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
     assert main([*args, "--force", "--seeds", "2"]) == 2

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     state, init = "recorded", row["init"] or "?"
                     shown = {k: float(row[k]) for k in now}
                     changed = [f"{k}={v:g}" for k, v in now.items() if shown[k] != v]
-                    after = f" (now {' '.join(changed)}: --force reruns it)" if changed else ""
+                    after = f" (asked now: {' '.join(changed)})" if changed else ""
                 else:
                     state, shown, after = "to run", now, ""
                     start = None
