@@ -72,8 +72,8 @@ def recipe_steps(model: str, layers: int) -> int:
     σ_max = 5 went from 0.0554 after 5,000 steps to 0.0510 after 15,000, SPEC §8), and FULL
     from 5 layers twice as long: FULL 5 layers at σ ∈ {1, 3} went from 0.0198 after 6,000
     steps to 0.0165 after 12,000. DIAG from 5 layers does not gain from twice the steps (its
-    30 cells moved by at most 1.5 %, README "Reproducing the paper"), nor GD++, which is at
-    the ConstRR optimum of its class from 3 layers."""
+    27 cells at σ_max ≥ 1 moved by at most 1.5 %, README "Reproducing the paper"); GD++ keeps
+    its steps too, as it matches ConstRR from 3 layers already."""
     if model not in LEARNING_RATES:
         raise SweepError(f"unknown model {model!r} (one of {', '.join(LEARNING_RATES)})")
     return 1000 * (layers + 1) * (2 if model == "full" and layers >= 5 else 1)
