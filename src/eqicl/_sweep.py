@@ -479,8 +479,9 @@ def _foreign_run_dirs(
     seeds: int,
     extra: Sequence[str],
 ) -> list[str]:
-    """The run directories of `cells` that hold a run the sweep would not resume (another
-    config than the recipe's, whatever its start), each with its first difference."""
+    """The run directories of `cells` that hold a run the sweep would not resume (what
+    `_resumed_config` refuses: another config than the recipe's, whatever its start), each
+    with its first difference."""
     from ._run import RunDirError, _diff, read_run_config
 
     out = []
@@ -488,15 +489,15 @@ def _foreign_run_dirs(
         run_dir = run_root / cell.name
         if not (run_dir / "config.json").is_file():
             continue
-        if _resumed_config(run_dir, cell, steps, seeds, extra) is not None:
-            continue
         try:
             config = read_run_config(run_dir)
             asked = cell_config(cell, steps, seeds, extra, config.model.init_from)
-            diffs = _diff(config.to_dict(), asked.to_dict())
-            out.append(f"{run_dir} ({diffs[0] if diffs else 'unreadable config'})")
         except (RunDirError, ConfigError) as e:
             out.append(f"{run_dir} ({e})")
+            continue
+        diffs = _diff(config.to_dict(), asked.to_dict())
+        if diffs:
+            out.append(f"{run_dir} ({diffs[0]})")
     return out
 
 
