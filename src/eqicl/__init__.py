@@ -57,6 +57,12 @@ from ._config import (
     preset as preset,
 )
 from ._evaluate import (
+    estimate as estimate,
+)
+from ._evaluate import (
+    estimate_all as estimate_all,
+)
+from ._evaluate import (
     evaluate as evaluate,
 )
 from ._evaluate import (
@@ -112,6 +118,10 @@ from ._run import (
 from ._run import (
     run as run,
 )
+from ._tail import DEFAULT as DEFAULT
+from ._tail import PLAIN as PLAIN
+from ._tail import Proposal as Proposal
+from ._tail import summarize as summarize
 from ._task import (
     Batch as Batch,
 )

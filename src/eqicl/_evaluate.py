@@ -24,9 +24,16 @@ from ._baselines import (
     tune_baselines,
 )
 from ._config import Config, TaskConfig
-from ._fast import context_stats
+from ._fast import (
+    Stats,
+    context_stats,
+    layer_weights,
+    posterior_mean,
+    sample_weighted_stats,
+)
 from ._model import LinearTransformer
 from ._paper import paper_baselines, paper_value
+from ._tail import DEFAULT, Proposal, summarize
 from ._task import prng_key
 from ._task import sample_batch_jit as sample_batch
 
@@ -304,3 +311,73 @@ def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselin
 def evaluate_baselines(config: Config, progress: Callable[[str], None] | None = None) -> dict:
     """The baselines alone, on the same test sequences as `evaluate` (same keys)."""
     return evaluate(None, config, progress=progress, baselines=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates of the expectation that see the tail (SPEC §9, eqicl._tail).
+
+
+@eqx.filter_jit
+def stats_exact_losses(model: LinearTransformer, st: Stats) -> Float[Array, "layers batch"]:
+    """Exact adjusted loss ½‖wˡ − μ‖² after every layer, from the statistics (the compiled
+    kernel where it applies, XLA elsewhere)."""
+    w = layer_weights(model, st.s)  # (layers, d, batch)
+    mu = posterior_mean(st)
+    return 0.5 * jnp.sum((w - mu[None]) ** 2, axis=1)
+
+
+@eqx.filter_jit
+def _draw_weighted(task: TaskConfig, key, size: int, proposal: Proposal, dtype):
+    return sample_weighted_stats(key, task, size, proposal, dtype)
+
+
+def estimate(
+    model: LinearTransformer,
+    task: TaskConfig,
+    key: PRNGKeyArray,
+    sequences: int,
+    proposal: Proposal = DEFAULT,
+    chunk: int = 50_000,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """The model's expected exact adjusted loss after every layer, estimated on `sequences`
+    sequences drawn from `proposal` (`eqicl.PLAIN`: plain sampling) and importance-weighted,
+    in the evaluation dtype: one `eqicl.summarize` dict per layer (mean, se, max, top_share,
+    ess, ...). Chunk i of `chunk` sequences is drawn with `fold_in(key, i)`, so the draw is
+    fixed by (key, sequences, chunk, proposal) and every model scored with the same
+    arguments sees the same sequences. `progress(done)` after every chunk."""
+    return estimate_all({"model": model}, task, key, sequences, proposal, chunk, progress)["model"]
+
+
+def estimate_all(
+    models: dict[str, LinearTransformer],
+    task: TaskConfig,
+    key: PRNGKeyArray,
+    sequences: int,
+    proposal: Proposal = DEFAULT,
+    chunk: int = 50_000,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, list[dict]]:
+    """`estimate` for several models on the same sequences, each chunk drawn once."""
+    if sequences < 2:
+        raise ValueError(f"an estimate needs at least 2 sequences, got {sequences}")
+    dt = eval_dtype()
+    cast_models = {name: cast(m, dt) for name, m in models.items()}
+    losses: dict[str, list] = {name: [] for name in models}
+    log_ws = []
+    done = 0
+    for i in range(math.ceil(sequences / chunk)):
+        size = min(chunk, sequences - done)
+        st, log_w = _draw_weighted(task, jr.fold_in(key, i), size, proposal, dt)
+        for name, m in cast_models.items():
+            losses[name].append(np.asarray(jax.device_get(stats_exact_losses(m, st))))
+        log_ws.append(np.asarray(jax.device_get(log_w)))
+        done += size
+        if progress is not None:
+            progress(done)
+    log_w = None if proposal.plain else np.concatenate(log_ws)
+    out = {}
+    for name, parts in losses.items():
+        ell = np.concatenate(parts, axis=1)
+        out[name] = [summarize(ell[k], log_w) for k in range(ell.shape[0])]
+    return out

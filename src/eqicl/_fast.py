@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _kernel
 from ._config import TaskConfig
 from ._model import AbstractLinearAttention, LinearTransformer
+from ._tail import Proposal
 from ._task import Batch, sample_batch, sample_sigma
 
 
@@ -278,13 +279,44 @@ def sample_stats(
     drawn by the CPU kernel (Bartlett, see the module docstring), the cost independent of n.
     Off the CPU (or without the kernel), `"wishart"` samples tokens: the same distribution,
     other draws."""
+    return _draw_stats(key, task, batch, dtype, sampler, None)[0]
+
+
+def sample_weighted_stats(
+    key: PRNGKeyArray,
+    task: TaskConfig,
+    batch: int,
+    proposal: Proposal,
+    dtype=jnp.float32,
+    sampler: str = "wishart",
+) -> tuple[Stats, Float[Array, " batch"]]:
+    """`batch` sequences as statistics drawn from an importance-sampling `proposal` (each
+    component's share of the sequences with its covariates and task vector scaled), and
+    each sequence's log weight log f/q (`eqicl.Proposal`): the weighted mean of any
+    per-sequence quantity is unbiased for its expectation under the task. With
+    `eqicl.PLAIN` these are the sequences of `sample_stats` and every weight is 1."""
+    return _draw_stats(key, task, batch, dtype, sampler, proposal)
+
+
+def _draw_stats(key, task, batch, dtype, sampler, proposal):
+    scales = (None, None) if proposal is None else proposal.scales(batch, dtype)
     if sampler == "tokens" or not _kernel.sampler_usable():
-        st = stats_from_batch(sample_batch(key, task, batch, dtype))
-        return Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
+        b = sample_batch(key, task, batch, dtype, x_scale=scales[0], w_scale=scales[1])
+        st = stats_from_batch(b)
+        st = Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
+        if proposal is None:
+            return st, None
+        sum_x2 = jnp.sum(b.x**2, axis=(1, 2))
+        return st, proposal.log_weight(sum_x2, jnp.sum(b.w**2, axis=-1), task.n, task.d)
     d, n = task.d, task.n
     kz, ks = jr.split(key)
     z, normals = _kernel.sample_wishart(kz, n, d + 1, batch, 2 * d, dtype)
     w, xq = normals[:d], normals[d:]
+    if proposal is not None:
+        # x_i = c z_i scales Z_xx by c² and z_xy by c; w = b z_w.
+        c, b = scales
+        z = z.at[:d, :d].multiply(c**2).at[:d, d].multiply(c).at[d, :d].multiply(c)
+        w = w * b[None]
     sigma = sample_sigma(ks, task, batch, dtype)
     # S⁰ = G Z Gᵀ, G = [[I, 0], [wᵀ, σ]]: Σ = Z_xx, α = Z_xx w + σ z_xy,
     # λ = wᵀ Z_xx w + 2σ wᵀ z_xy + σ² z_yy (sums unrolled: batch-last multiply-adds).
@@ -297,7 +329,11 @@ def sample_stats(
     top = jnp.concatenate([zxx, alpha[:, None]], axis=1)
     bottom = jnp.concatenate([alpha, lam[None]], axis=0)[None]
     s = jnp.concatenate([top, bottom], axis=0)
-    return Stats(s=_shard_batch(s), xq=_shard_batch(xq), yq=jnp.sum(xq * w, axis=0), sigma=sigma)
+    st = Stats(s=_shard_batch(s), xq=_shard_batch(xq), yq=jnp.sum(xq * w, axis=0), sigma=sigma)
+    if proposal is None:
+        return st, None
+    sum_x2 = jnp.trace(zxx, axis1=0, axis2=1)
+    return st, proposal.log_weight(sum_x2, jnp.sum(w**2, axis=0), n, d)
 
 
 # ---------------------------------------------------------------------------------------------

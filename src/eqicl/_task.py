@@ -52,13 +52,21 @@ def sample_batch(
     batch: int,
     dtype=jnp.float32,
     sigma: Float[Array, " batch"] | None = None,
+    x_scale: Float[Array, " batch"] | None = None,
+    w_scale: Float[Array, " batch"] | None = None,
 ) -> Batch:
     """Sample `batch` sequences: w ~ N(0, I), x_i, x_t ~ N(0, I), y_i = <w, x_i> + σ ξ_i,
     y_t = <w, x_t> (noiseless). Pass `sigma` to fix each sequence's noise level instead of
-    drawing it from the task (per-variance profiles)."""
+    drawing it from the task (per-variance profiles). `x_scale` / `w_scale` multiply each
+    sequence's context covariates / task vector (an importance-sampling proposal,
+    `eqicl.Proposal`; the query keeps its law); scale 1 gives the same sequences as none."""
     kw, kx, kq, kn, ks = jr.split(key, 5)
     w = jr.normal(kw, (batch, task.d), dtype)
     x = jr.normal(kx, (batch, task.n, task.d), dtype)
+    if w_scale is not None:
+        w = w * w_scale[:, None]
+    if x_scale is not None:
+        x = x * x_scale[:, None, None]
     xq = jr.normal(kq, (batch, task.d), dtype)
     if sigma is None:
         sigma = sample_sigma(ks, task, batch, dtype)
