@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
     config = eqicl.preset("tiny", ["train.devices=4", "train.dtype=float64", "train.formulation=tokens"])
     mesh = data_mesh(config.train)
     with jax.set_mesh(mesh):
-        data = jax.jit(lambda k: sample_train_data(k, config))(jr.key(0))
+        data, _ = jax.jit(lambda k: sample_train_data(k, config))(jr.key(0))
     out["data_devices"] = len(data.x.sharding.device_set)
     out["data_spec"] = str(data.x.sharding.spec)
     out["mesh_size"] = mesh.size

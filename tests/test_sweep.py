@@ -11,12 +11,18 @@ import eqicl
 from analysis.table import compare, verdict
 from eqicl._sweep import (
     Cell,
+    Polish,
+    Recipe,
     SweepError,
+    Train,
+    assemble,
     cell_config,
+    listing,
     neighbour_candidates,
     parse_cells,
     read_table,
     recipe_steps,
+    stage_dir,
     start_candidates,
     start_losses,
     start_name,
@@ -101,133 +107,6 @@ def test_duplicated_or_foreign_rows_are_refused(tmp_path):
     path.write_text("method,layers\nDIAG,3\n")
     with pytest.raises(SweepError, match="lacks the column"):
         read_table(path)
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    """Four small cells (GD++ and DIAG, 1 layer) swept end to end through the command line."""
-    tmp_path = tmp_path_factory.mktemp("sweep")
-    args = ["--models", "gdpp,diag", "--layers", "1", "--noise", "0,{1;3}"]
-    args += ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
-    args += ["--no-progress"]
-    for s in SMALL:
-        args += ["--set", s]
-    assert main(args) == 0
-    return tmp_path, args
-
-
-def test_sweep_records_cells_and_skips_recorded_ones(swept, capsys):
-    tmp_path, args = swept
-    rows = read_table(tmp_path / "paper" / "table1.csv")
-    assert set(rows) == {Cell(m, 1, c) for m in ("gdpp", "diag") for c in ("0", "{1;3}")}
-    assert all(r["status"] == "ok" and float(r["exact_se"]) > 0 for r in rows.values())
-    # the warm start: DIAG starts from the GD++ cell of its column, GD++ from the GD step
-    assert rows[Cell("diag", 1, "{1;3}")]["init"] == "paper/gdpp-L1-c1_3"
-    assert rows[Cell("gdpp", 1, "0")]["init"] == "gd"
-    run_config = eqicl.read_run_config(tmp_path / "runs" / "diag-L1-c1_3")
-    assert run_config.model.init_from.endswith("weights/gdpp-L1-c1_3.npz")
-    for name in ("gdpp-L1-u0", "diag-L1-c1_3"):
-        _, meta = eqicl.load_weights(tmp_path / "paper" / "weights" / f"{name}.npz")
-        sel = json.loads((tmp_path / "paper" / "cells" / f"{name}.json").read_text())["selection"]
-        assert meta["select_loss"] == sel["losses"][sel["best"]]
-    cell = json.loads((tmp_path / "paper" / "cells" / "gdpp-L1-c1_3.json").read_text())
-    assert len(cell["after_layer"]) == 1 and len(cell["profile"]["sigma"]) == 3
-    base = list(csv.DictReader(io.StringIO((tmp_path / "paper" / "baselines.csv").read_text())))
-    assert {(r["method"], r["noise"]) for r in base} >= {("tunedrr", "0"), ("constrr", "{1;3}")}
-    capsys.readouterr()
-    before = (tmp_path / "paper" / "table1.csv").read_text()
-    assert main(args) == 0
-    assert "4 already in" in capsys.readouterr().out
-    assert (tmp_path / "paper" / "table1.csv").read_text() == before
-    text, counts = compare(tmp_path / "paper")
-    assert counts["missing"] == 206 and counts["matched"] + counts["beaten"] + counts["missed"] == 4
-    assert "GD++ | 1 |" in text
-    # --list shows what a recorded cell was trained with, and what the config is now
-    assert main([*args, "--list", "--models", "gdpp", "--noise", "0"]) == 0
-    assert capsys.readouterr().out.split() == [
-        "gdpp-L1-u0",
-        "recorded",
-        "steps=20",
-        "lr=0.03",
-        "seeds=1",
-        "start=gd",
-    ]
-    assert main([*args, "--list", "--models", "gdpp", "--noise", "0", "--seeds", "2"]) == 0
-    assert capsys.readouterr().out.strip().endswith("start=gd (asked now: seeds=2)")
-    # ... but the run directories hold runs of one seed: nothing runs, nothing is written
-    files = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
-    assert main([*args, "--force", "--seeds", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: 4 run directories under") and "\n" not in err.strip()
-    assert "(train.seeds: 1 in the directory, 2 asked)" in err and "nothing was run" in err
-    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()) == files
-    # --force with the same config records the finished run's results again; nothing retrains
-    metrics = (tmp_path / "runs" / "gdpp-L1-u0" / "metrics.jsonl").read_text()
-    assert main([*args, "--force", "--models", "gdpp", "--noise", "0"]) == 0
-    assert "1 to run" in capsys.readouterr().out
-    assert (tmp_path / "runs" / "gdpp-L1-u0" / "metrics.jsonl").read_text() == metrics
-    assert (tmp_path / "paper" / "table1.csv").read_text() == before
-
-
-def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
-    assert main(["--layers", "0", "--paper-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown layers '0'")
-    assert (
-        main(
-            [
-                "--set",
-                "train.lrr=1",
-                "--paper-dir",
-                str(tmp_path),
-                "--models",
-                "diag",
-                "--layers",
-                "1",
-                "--noise",
-                "3",
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err
-    assert "unknown config key 'train.lrr'" in err and "\n" not in err.strip()
-    assert not any(tmp_path.iterdir())
-    paper = ["--paper-dir", str(tmp_path / "paper")]
-    for args, message in [
-        (["--cold", "--starts-from", str(tmp_path)], "takes no --starts-from"),
-        (["--starts-from", str(tmp_path / "nowhere")], "no table1.csv there"),
-        (["--max-layers", "0"], "--max-layers must be N >= 1 and M >= 0"),
-        (["--max-layers", "4,full:-1"], "--max-layers must be N >= 1 and M >= 0"),
-        (["--max-layers", "4,mlp:7"], "unknown model 'mlp'"),
-        (["--max-layers", "four"], "must be N or N,MODEL:M"),
-        (["--across-noise"], "takes its starts from --starts-from"),
-    ]:
-        assert main(args + paper) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and "\n" not in err.strip()
-    assert not any(tmp_path.iterdir())
-
-
-def test_max_layers_keeps_the_shallow_cells(tmp_path, capsys):
-    args = [
-        "--list",
-        "--cold",
-        "--models",
-        "diag,full",
-        "--noise",
-        "3",
-        "--paper-dir",
-        str(tmp_path),
-    ]
-    assert main(args + ["--max-layers", "4"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == [f"{m}-L{k}-u3" for k in (1, 2, 3, 4) for m in ("diag", "full")]
-    assert main(args + ["--max-layers", "2,FULL:3"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["diag-L1-u3", "full-L1-u3", "diag-L2-u3", "full-L2-u3", "full-L3-u3"]
-    assert main(args + ["--max-layers", "2,full:0"]) == 0  # the polish pass's "no FULL"
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["diag-L1-u3", "diag-L2-u3"]
 
 
 def test_figures_redraw_from_committed_files(swept):
@@ -394,67 +273,6 @@ def test_an_interrupted_cell_resumes_with_the_start_it_had(tmp_path):
     assert _resumed_config(tmp_path / "nothing", cell, None, 1, SMALL) is None
 
 
-def test_merge_keeps_the_pass_with_the_lower_validation_loss(tmp_path, capsys):
-    """Cell by cell, the lower validation loss wins (never the test loss); its row, cell file
-    and weights are copied and the row names the pass; a pass missing a cell does not count."""
-    from eqicl._sweep import TABLE_FIELDS, _write_csv
-
-    cells = [Cell("diag", 2, "3"), Cell("full", 2, "3")]
-    # (validation, test) per pass: cold wins DIAG on validation although its test loss is worse
-    losses = {"cold": {cells[0]: (0.1, 0.9), cells[1]: (0.5, 0.1)}, "warm": {cells[0]: (0.2, 0.05)}}
-    losses["warm"][cells[1]] = (0.3, 0.2)
-    for name, by_cell in losses.items():
-        d = tmp_path / name
-        rows = []
-        for cell, (val, test) in by_cell.items():
-            row = dict.fromkeys(TABLE_FIELDS, "1")
-            row.update(method=cell.row, layers=cell.layers, noise=cell.column, exact=test)
-            rows.append(row)
-            (d / "cells").mkdir(parents=True, exist_ok=True)
-            sel = {"losses": [9.0, val], "best": 1}
-            (d / "cells" / f"{cell.name}.json").write_text(json.dumps({"selection": sel}))
-            config = cell_config(cell, None, 1)
-            model = eqicl.init_transformer(jr.key(0), config.model, config.task)
-            eqicl.save_weights(model, weights_path(d, cell), select_loss=val, tag=name)
-        _write_csv(d / "table1.csv", TABLE_FIELDS, rows)
-    out = tmp_path / "paper"
-    args = ["--merge", f"{tmp_path / 'cold'},{tmp_path / 'warm'}", "--paper-dir", str(out)]
-    assert main([*args, "--list"]) == 0  # what it would take, writing nothing
-    assert capsys.readouterr().out.splitlines() == [
-        "diag-L2-u3       from cold     validation cold=0.1 warm=0.2",
-        "full-L2-u3       from warm     validation cold=0.5 warm=0.3",
-    ]
-    assert not out.exists()
-    part = tmp_path / "part"  # a pass with only the DIAG row, and no cell file for it
-    part.mkdir()
-    _write_csv(
-        part / "table1.csv", TABLE_FIELDS, [read_table(tmp_path / "cold" / "table1.csv")[cells[0]]]
-    )
-    assert main(["--merge", f"{tmp_path / 'cold'},{part}", "--paper-dir", str(out), "--list"]) == 0
-    assert capsys.readouterr().out.split("\n")[:2] == [
-        "diag-L2-u3       from cold     validation cold=0.1 part=inf",
-        "full-L2-u3       from cold     validation cold=0.5 part=-",
-    ]
-    assert main(args) == 0
-    assert "1 cells from cold, 1 cells from warm" in capsys.readouterr().out
-    merged = read_table(out / "table1.csv")
-    assert merged[cells[0]]["pass"] == "cold" and float(merged[cells[0]]["exact"]) == 0.9
-    assert merged[cells[1]]["pass"] == "warm" and float(merged[cells[1]]["exact"]) == 0.2
-    assert eqicl.load_weights(weights_path(out, cells[0]))[1]["tag"] == "cold"
-    data = json.loads((out / "cells" / f"{cells[1].name}.json").read_text())
-    assert data["pass"] == "warm" and data["validation_by_pass"] == {"cold": 0.5, "warm": 0.3}
-    text, counts = compare(out)
-    from analysis.table import claims
-
-    no_base = "\n".join(claims(out))
-    assert "beat AdaRR at σ_max ≥ 4: no baselines in" in no_base
-    assert "(cold)" in text and "1 from cold, 1 from warm" in text
-    assert (
-        "By model: DIAG 0 matched, 0 beaten, 1 missed; FULL 1 matched, 0 beaten, 0 missed" in text
-    )
-    assert main(["--merge", str(tmp_path / "nothing"), "--paper-dir", str(out)]) == 2
-
-
 def test_checking_a_warm_started_run_never_reads_its_start(tmp_path):
     """A warm start has the structure of a GD start: the state skeleton (used to check and
     restore checkpoints) is the same, and needs no weights file."""
@@ -471,64 +289,275 @@ def test_checking_a_warm_started_run_never_reads_its_start(tmp_path):
     assert jax.tree.structure(state) == jax.tree.structure(skeleton(cold))
 
 
-def test_polish_pass_records_the_best_start_by_validation_loss(swept, tmp_path, capsys):
-    """The polish pass scores the recorded weights, their polished starts (GD++, DIAG) and the
-    polished narrower cells (embedded) on the cell's validation sequences, records the best
-    like a trained cell, skips recorded cells, and its results merge with the passes they
-    came from. A FULL cell is not polished itself: it gets the narrower cells' results."""
-    import shutil
+# ---------------------------------------------------------------------------------------------
+# The one driver over the candidate store.
 
-    from eqicl._sweep import TABLE_FIELDS, _write_csv
+# The recipe's stages at test size: the same kinds of stage, one layer, a small polish.
+SMALL_RECIPE = Recipe(
+    (
+        Train("cold", max_layers="1"),
+        Train("warm", warm=True, starts_from=("cold",)),
+        Polish("polish", max_layers="1", starts=2, iterations=3, sequences=300),
+    )
+)
+# ... with the warm stage's starts across noise settings, as in the recipe.
+NOISY_RECIPE = Recipe(
+    (
+        Train("cold", max_layers="1"),
+        Train("warm", warm=True, starts_from=("cold",), across_noise=True),
+        Polish("polish", max_layers="1", starts=2, iterations=3, sequences=300),
+    )
+)
+CELLS = ["--models", "gdpp,diag", "--layers", "1", "--noise", "0,{1;3}"]
 
-    source, out = tmp_path / "paper", tmp_path / "polish"
-    shutil.copytree(swept[0] / "paper", source)
-    args = ["--polish", str(source), "--layers", "1", "--noise", "0", "--steps", "5"]
-    args += ["--paper-dir", str(out), "--no-progress"]
+
+def _args(tmp_path):
+    args = ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
+    args += ["--no-progress"]
     for s in SMALL:
         args += ["--set", s]
-    assert main(args + ["--models", "gdpp,diag"]) == 0
-    assert "2 to polish" in capsys.readouterr().out
-    rows = read_table(out / "table1.csv")
-    assert set(rows) == {Cell("gdpp", 1, "0"), Cell("diag", 1, "0")}
-    polished = [f"polished start {k}" for k in range(4)]
-    for cell, row in rows.items():
-        assert row["status"] == "ok" and row["init"] == f"paper/{cell.name}"
-        sel = json.loads((out / "cells" / f"{cell.name}.json").read_text())["selection"]
-        narrower = ["polish/gdpp-L1-u0"] if cell.model == "diag" else []
-        assert sel["candidates"] == [f"paper/{cell.name}", *polished, *narrower]
-        assert len(sel["losses"]) == len(sel["candidates"])
-        # candidate 0 is the recorded model itself: its validation loss is the recorded one
-        assert sel["losses"][0] == pytest.approx(validation_loss(source, cell), rel=1e-9)
-        assert sel["losses"][sel["best"]] == min(sel["losses"])
-        _, meta = eqicl.load_weights(weights_path(out, cell))
+    return args
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Four small cells (GD++ and DIAG, 1 layer) through every stage of the small recipe, by
+    the command line (the recipe is the module's RECIPE)."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eqicl._sweep, "RECIPE", SMALL_RECIPE)
+        assert main([*CELLS, *_args(tmp_path)]) == 0
+    return tmp_path, [*CELLS, *_args(tmp_path)]
+
+
+@pytest.fixture
+def noisy_recipe(monkeypatch):
+    monkeypatch.setattr(eqicl._sweep, "RECIPE", NOISY_RECIPE)
+
+
+def test_cell_config_is_the_default_preset_with_the_cell(tmp_path):
+    """The typed cell config equals the default preset with the cell's settings given as
+    overrides, for every kind of column, with and without a start and `--set`."""
+    for cell in (Cell("gdpp", 1, "0"), Cell("full", 6, "{1;3;5}"), Cell("diag", 3, "7")):
+        task = task_for(cell.column)
+        noise = (
+            ["task.noise=categorical", "task.sigma_set=" + ",".join(map(str, task.sigma_set))]
+            if task.noise == "categorical"
+            else ["task.noise=uniform", f"task.sigma_max={task.sigma_max}"]
+        )
+        for extra, start in (([], ""), (["train.batch=64"], "w/x.npz")):
+            want = eqicl.preset(
+                "default",
+                [
+                    f"model.kind={cell.model}",
+                    f"model.layers={cell.layers}",
+                    f"train.lr={eqicl._sweep.LEARNING_RATES[cell.model]}",
+                    "train.seeds=2",
+                    *noise,
+                    f"train.steps={recipe_steps(cell.model, cell.layers)}",
+                    *([f"model.init_from={start}"] if start else []),
+                    *extra,
+                ],
+            )
+            assert cell_config(cell, None, 2, extra, start) == want
+
+
+def test_one_command_runs_every_stage_and_the_table(swept, capsys):
+    tmp_path, args = swept
+    paper = tmp_path / "paper"
+    cells = {Cell(m, 1, c) for m in ("gdpp", "diag") for c in ("0", "{1;3}")}
+    for stage in SMALL_RECIPE.stages:  # one candidate per (cell, stage)
+        rows = read_table(stage_dir(paper, stage) / "table1.csv")
+        assert set(rows) == cells and all(r["status"] == "ok" for r in rows.values())
+    rows = read_table(paper / "table1.csv")
+    assert set(rows) == cells
+    for cell, row in rows.items():  # the table: each cell's best candidate by validation loss
+        losses = {
+            st.name: validation_loss(stage_dir(paper, st), cell) for st in SMALL_RECIPE.stages
+        }
+        assert row["pass"] == min(losses, key=losses.get)
+        assert validation_loss(paper, cell) == min(losses.values())
+        assert float(row["tail_se"]) > 0 and int(row["tail_sequences"]) > 0
+        assert 0 < float(row["exact_top"]) < 1 and float(row["exact_max"]) > 0
+    warm = read_table(stage_dir(paper, SMALL_RECIPE.stage("warm")) / "table1.csv")
+    cold = read_table(stage_dir(paper, SMALL_RECIPE.stage("cold")) / "table1.csv")
+    assert {r["init"] for r in cold.values()} == {"gd"}
+    # warm DIAG starts from a GD++ candidate of its column (or a neighbour's cold one)
+    assert warm[Cell("diag", 1, "{1;3}")]["init"] != "gd"
+    polish = json.loads(
+        (stage_dir(paper, SMALL_RECIPE.stage("polish")) / "cells" / "diag-L1-u0.json").read_text()
+    )["selection"]
+    assert polish["candidates"][1:] == ["polished start 0", "polished start 1", "polish/gdpp-L1-u0"]
+    assert polish["candidates"][0] in ("cold/diag-L1-u0", "warm/diag-L1-u0")
+    for name in ("gdpp-L1-u0", "diag-L1-c1_3"):
+        _, meta = eqicl.load_weights(paper / "weights" / f"{name}.npz")
+        sel = json.loads((paper / "cells" / f"{name}.json").read_text())["selection"]
         assert meta["select_loss"] == sel["losses"][sel["best"]]
-    assert main(args + ["--models", "gdpp,diag"]) == 0
-    assert "2 already polished" in capsys.readouterr().out
-    assert main(args + ["--list", "--models", "gdpp,full"]) == 0  # lists, runs nothing
-    listed = capsys.readouterr().out.split()
-    assert listed[:5] == ["gdpp-L1-u0", "polished", "full-L1-u0", "not", "in"]
+    base = list(csv.DictReader(io.StringIO((paper / "baselines.csv").read_text())))
+    assert {(r["method"], r["noise"]) for r in base} >= {("tunedrr", "0"), ("constrr", "{1;3}")}
+    # run again: every stage has everything, nothing retrains, the table is unchanged
+    capsys.readouterr()
+    before = (paper / "table1.csv").read_text()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eqicl._sweep, "RECIPE", SMALL_RECIPE)
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "cold: 4 cells, 4 recorded, 0 to run" in out and "polish: 4 cells, 4 recorded" in out
+        assert (paper / "table1.csv").read_text() == before
+        # --list: one line per cell, each stage's validation loss and the table's pick
+        assert main([*args, "--list", "--models", "gdpp", "--noise", "0"]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        fields = line.split()
+        assert (
+            fields[0] == "gdpp-L1-u0"
+            and fields[-1] == f"table={rows[Cell('gdpp', 1, '0')]['pass']}"
+        )
+        assert [f.split("=")[0] for f in fields[1:4]] == ["cold", "warm", "polish"]
+        assert main([*args, "--list", "--models", "gdpp", "--noise", "0", "--seeds", "2"]) == 0
+        assert capsys.readouterr().out.strip().endswith("(asked now: cold.seeds=2 warm.seeds=2)")
+        # the run directories hold runs of one seed: nothing runs, nothing is written
+        files = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
+        assert main([*args, "--force", "--seeds", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: 4 run directories under") and "\n" not in err.strip()
+        assert "/runs/cold " in err
+        assert "(train.seeds: 1 in the directory, 2 asked)" in err and "nothing was run" in err
+        assert (
+            sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()) == files
+        )
+    text, counts = compare(paper)
+    assert counts["missing"] == 206 and counts["matched"] + counts["beaten"] + counts["missed"] == 4
 
-    # a FULL cell recorded in the source (here its GD start): only embedded candidates
-    full = Cell("full", 1, "0")
-    config = cell_config(full, None, 1, SMALL)
+
+def test_a_stage_waits_for_inputs_not_recorded_yet(tmp_path, noisy_recipe, capsys):
+    """Asked for one noise setting, the warm stage's cells need the cold candidates of the
+    neighbouring settings: they wait (one line each) and the polish stage waits for them;
+    the cold candidates are recorded and the table holds them. Then the neighbours' cold
+    stage and a rerun complete the cell."""
+    args = _args(tmp_path)
+    assert main(["--models", "gdpp", "--layers", "1", "--noise", "1", *args]) == 0
+    out = capsys.readouterr().out
+    assert "warm/gdpp-L1-u1 waits for cold/gdpp-L1-u0, cold/gdpp-L1-u2 (not recorded yet)" in out
+    assert "polish/gdpp-L1-u1 waits for warm/gdpp-L1-u1 (not recorded yet)" in out
+    paper = tmp_path / "paper"
+    assert read_table(paper / "table1.csv")[Cell("gdpp", 1, "1")]["pass"] == "cold"
+    assert main(["--models", "gdpp", "--layers", "1", "--noise", "1", "--list", *args]) == 0
+    line = capsys.readouterr().out.split()
+    assert line[2:] == ["warm=waits", "polish=waits", "table=cold"]
+    assert main(["--models", "gdpp", "--layers", "1", "--noise", "0,2", *args]) == 0
+    out = capsys.readouterr().out
+    assert "warm: 2 cells" in out  # u0 and u2 still wait for their other neighbours
+    assert main(["--models", "gdpp", "--layers", "1", "--noise", "1", *args]) == 0
+    out = capsys.readouterr().out
+    assert "warm: 1 cells, 0 recorded, 1 to run" in out and "waits" not in out
+
+
+def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
+    paper = ["--paper-dir", str(tmp_path / "paper")]
+    for args, message in [
+        (["--layers", "0"], "unknown layers '0'"),
+        (["--set", "train.lrr=1", "--list"], "unknown config key 'train.lrr'"),
+        (["--set", "train.lrr=1", "--models", "diag", "--layers", "1"], "unknown config key"),
+        (["--noise", ""], "no cells selected"),
+        (["--layers", "5-3"], "no cells selected"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+    ]:
+        assert main(args + paper) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "\n" not in err.strip()
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "file").write_text("x")
+    assert main(["--paper-dir", str(tmp_path / "file")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_recipes_are_checked():
+    with pytest.raises(SweepError, match="not an earlier stage"):
+        Recipe((Train("warm", warm=True, starts_from=("cold",)), Train("cold")))
+    with pytest.raises(SweepError, match="distinct names"):
+        Recipe((Train("a"), Train("a")))
+    with pytest.raises(SweepError, match="--max-layers"):
+        Recipe((Train("a", max_layers="four"),))
+    # the recipe's coverage: cold has 1-4 layers and FULL at every depth, polish at most 3
+    cold, warm, polish = eqicl._sweep.RECIPE.stages
+    cells = parse_cells("all", "all", "3")
+    assert sum(eqicl._sweep.RECIPE.covers(cold, c) for c in cells) == 4 * 3 + 3
+    assert all(eqicl._sweep.RECIPE.covers(warm, c) for c in cells)
+    assert [c.layers for c in cells if eqicl._sweep.RECIPE.covers(polish, c)] == [1] * 3 + [
+        2
+    ] * 3 + [3] * 3
+    # inputs: a warm cell needs its embedded starts of both stages and the cold neighbours
+    inputs = eqicl._sweep.RECIPE.inputs(warm, Cell("diag", 5, "3"))
+    assert [(s.name, c.name) for s, c in inputs] == [
+        ("cold", "diag-L4-u3"),
+        ("warm", "diag-L4-u3"),
+        ("warm", "gdpp-L5-u3"),
+    ]
+    # ... and at 3 layers also the cold candidates of the neighbouring noise settings
+    inputs = eqicl._sweep.RECIPE.inputs(warm, Cell("gdpp", 3, "{1;3}"))
+    assert [(s.name, c.name) for s, c in inputs] == [
+        ("cold", "gdpp-L2-c1_3"),
+        ("warm", "gdpp-L2-c1_3"),
+        ("cold", "gdpp-L3-u3"),
+        ("cold", "gdpp-L3-c1_3_5"),
+    ]
+
+
+def _fake_candidate(d, cell, val, test, tag, config_eval=None):
+    row = dict.fromkeys(eqicl._sweep.TABLE_FIELDS, "1")
+    row.update(method=cell.row, layers=cell.layers, noise=cell.column, exact=test)
+    (d / "cells").mkdir(parents=True, exist_ok=True)
+    data = {"selection": {"losses": [9.0, val], "best": 1}}
+    if config_eval is not None:
+        data["config"] = {"eval": config_eval, "train": {"select_sequences": 10}}
+    (d / "cells" / f"{cell.name}.json").write_text(json.dumps(data))
+    config = cell_config(cell, None, 1)
     model = eqicl.init_transformer(jr.key(0), config.model, config.task)
-    eqicl.save_weights(model, weights_path(source, full), select_loss=1.0)
-    table = read_table(source / "table1.csv")
-    table[full] = {**table[Cell("diag", 1, "0")], "method": "FULL"}
-    _write_csv(source / "table1.csv", TABLE_FIELDS, table.values())
-    assert main(args + ["--models", "full"]) == 0
-    sel = json.loads((out / "cells" / "full-L1-u0.json").read_text())["selection"]
-    assert sel["candidates"] == ["paper/full-L1-u0", "polish/gdpp-L1-u0", "polish/diag-L1-u0"]
-    # the narrower cells keep their validation losses as FULL models (the same functions)
-    by_name = dict(zip(sel["candidates"], sel["losses"], strict=True))
-    for name in ("gdpp-L1-u0", "diag-L1-u0"):
-        _, meta = eqicl.load_weights(out / "weights" / f"{name}.npz")
-        assert by_name[f"polish/{name}"] == pytest.approx(meta["select_loss"], rel=1e-9)
-    assert sel["best"] > 0  # the GD step is not the best one-layer model
+    eqicl.save_weights(model, weights_path(d, cell), select_loss=val, tag=tag)
+    return row
 
-    merged = tmp_path / "merged"
-    assert main(["--merge", f"{source},{out}", "--paper-dir", str(merged)]) == 0
-    assert len(read_table(merged / "table1.csv")) == 5
-    assert main(["--polish", str(tmp_path / "none"), "--paper-dir", str(out)]) == 2
-    assert "no table1.csv there" in capsys.readouterr().err
-    assert main(["--polish", str(source), "--cold", "--paper-dir", str(out)]) == 2
+
+def test_the_table_is_each_cells_best_candidate_by_validation_loss(tmp_path, capsys):
+    """Cell by cell the lower validation loss wins (never the test loss); its row, cell file
+    and weights are copied and the row names the stage; a stage missing a cell does not
+    count; candidates validated by different estimators are refused, not compared."""
+    from eqicl._sweep import _write_csv
+
+    cells = [Cell("diag", 2, "3"), Cell("full", 2, "3")]
+    recipe = Recipe((Train("cold"), Train("warm", warm=True, starts_from=("cold",))))
+    paper = tmp_path / "paper"
+    # (validation, test) per stage: cold wins DIAG on validation although its test loss is worse
+    losses = {"cold": {cells[0]: (0.1, 0.9), cells[1]: (0.5, 0.1)}, "warm": {cells[0]: (0.2, 0.05)}}
+    losses["warm"][cells[1]] = (0.3, 0.2)
+    for name, by_cell in losses.items():
+        d = stage_dir(paper, recipe.stage(name))
+        rows = [_fake_candidate(d, c, v, t, name) for c, (v, t) in by_cell.items()]
+        _write_csv(d / "table1.csv", eqicl._sweep.TABLE_FIELDS, rows)
+    lines = listing(cells, paper, None, 1, [], recipe)
+    assert [ln.split()[:1] + ln.split()[1:4] for ln in lines] == [
+        ["diag-L2-u3", "cold=0.1", "warm=0.2", "table=cold"],
+        ["full-L2-u3", "cold=0.5", "warm=0.3", "table=warm"],
+    ]
+    assert not (paper / "table1.csv").exists()  # listing writes nothing
+    assert assemble(paper, recipe) == {"cold": 1, "warm": 1}
+    merged = read_table(paper / "table1.csv")
+    assert merged[cells[0]]["pass"] == "cold" and float(merged[cells[0]]["exact"]) == 0.9
+    assert merged[cells[1]]["pass"] == "warm" and float(merged[cells[1]]["exact"]) == 0.2
+    assert eqicl.load_weights(weights_path(paper, cells[0]))[1]["tag"] == "cold"
+    data = json.loads((paper / "cells" / f"{cells[1].name}.json").read_text())
+    assert data["pass"] == "warm" and data["validation_by_pass"] == {"cold": 0.5, "warm": 0.3}
+    text, counts = compare(paper)
+    assert "(cold)" in text and "1 from cold, 1 from warm" in text
+    # validated by other estimators (a plain and a tail-aware selection): refused
+    d = stage_dir(paper, recipe.stage("warm"))
+    _fake_candidate(
+        d,
+        cells[0],
+        0.01,
+        0.01,
+        "warm",
+        {"proposal_x": [1.0, 1.5], "proposal_w": [1.0, 1.0], "proposal_shares": [0.5, 0.5]},
+    )
+    _fake_candidate(stage_dir(paper, recipe.stage("cold")), cells[0], 0.1, 0.9, "cold", {})
+    with pytest.raises(SweepError, match="estimated differently"):
+        assemble(paper, recipe)

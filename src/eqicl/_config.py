@@ -171,6 +171,11 @@ class TrainConfig:
     steps_per_call: int = 100
     checkpoint_every: int = 1000
     select_sequences: int = 10_000
+    # The training sequences' law: an importance-sampling proposal (eqicl.Proposal; the
+    # default (1,), (1,), (1,) is the task's own law) whose weights keep the objective unbiased.
+    proposal_x: tuple[float, ...] = (1.0,)
+    proposal_w: tuple[float, ...] = (1.0,)
+    proposal_shares: tuple[float, ...] = (1.0,)
     # Performance (results unchanged to round-off; see README "Performance"):
     formulation: Literal["stats", "tokens"] = "stats"
     sampler: Literal["wishart", "tokens"] = "wishart"
@@ -240,12 +245,22 @@ class TrainConfig:
             )
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"train.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        proposal = _proposal(self, "train")
+        if not proposal.plain and self.formulation != "stats":
+            raise ConfigError(
+                "train.proposal_* (importance-sampled training) needs train.formulation=stats"
+            )
         if self.checkpoint_every % self.steps_per_call:
             raise ConfigError(
                 f"train.checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                 f"train.steps_per_call ({self.steps_per_call}) so that a resumed run replays "
                 "exactly the same jitted calls"
             )
+
+    @property
+    def proposal(self):
+        """The training sequences' proposal (an `eqicl.Proposal`; plain by default)."""
+        return _proposal(self, "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +276,12 @@ class EvalConfig:
     profile_sequences: int = 5_000
     profile_factor: float = 1.5
     seed: int = 12345
+    # The tail-aware estimate (SPEC §9) beside the plain one: `tail_sequences` sequences from
+    # this proposal (eqicl.Proposal), importance-weighted; the best-of-seeds selection uses it.
+    tail_sequences: int = 100_000
+    proposal_x: tuple[float, ...] = (1.0, 1.25, 1.5)
+    proposal_w: tuple[float, ...] = (1.0, 1.0, 1.25)
+    proposal_shares: tuple[float, ...] = (0.5, 0.25, 0.25)
 
     def __post_init__(self):
         for name in ("sequences", "tune_sequences", "chunk", "profile_points", "profile_sequences"):
@@ -268,6 +289,24 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         if not (0 < self.profile_factor < math.inf):
             raise ConfigError(f"eval.profile_factor must be positive, got {self.profile_factor}")
+        if self.tail_sequences < 2:
+            raise ConfigError(f"eval.tail_sequences must be >= 2, got {self.tail_sequences}")
+        _proposal(self, "eval")
+
+    @property
+    def proposal(self):
+        """The tail-aware estimate's proposal (an `eqicl.Proposal`)."""
+        return _proposal(self, "eval")
+
+
+def _proposal(section, name: str):
+    """The `eqicl.Proposal` of a config section's proposal_* fields (ConfigError if bad)."""
+    from ._tail import Proposal
+
+    try:
+        return Proposal(section.proposal_x, section.proposal_w, section.proposal_shares)
+    except ConfigError as e:
+        raise ConfigError(f"{name}.proposal_x/_w/_shares: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +451,7 @@ def _tiny() -> Config:
             chunk=1_000,
             profile_points=5,
             profile_sequences=200,
+            tail_sequences=2_000,
         ),
     )
 

@@ -21,7 +21,7 @@ import pathlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from ._config import Config, ConfigError, TaskConfig, preset
+from ._config import Config, ConfigError, TaskConfig, override, preset
 from ._evaluate import evaluate_baselines, reuse_test_data
 from ._paper import paper_table
 
@@ -47,9 +47,27 @@ TABLE_FIELDS = (
     "eval_seconds",
     "status",
     "pass",
+    "exact_max",
+    "exact_top",
+    "tail",
+    "tail_se",
+    "tail_max",
+    "tail_top",
+    "tail_sequences",
 )
 # Columns added after results were first recorded: a file without them reads them as "".
-LATER_FIELDS = ("init", "pass")
+# exact_max / exact_top: the plain test draw's largest per-sequence loss and the share of its
+# mean carried by the top 0.1 % of sequences; tail*: the tail-aware estimate (SPEC §9).
+TAIL_FIELDS = (
+    "exact_max",
+    "exact_top",
+    "tail",
+    "tail_se",
+    "tail_max",
+    "tail_top",
+    "tail_sequences",
+)
+LATER_FIELDS = ("init", "pass", *TAIL_FIELDS)
 BASELINE_FIELDS = (
     "method",
     "noise",
@@ -115,32 +133,27 @@ def task_for(column: str) -> TaskConfig:
     return TaskConfig(noise="uniform", sigma_max=float(column))
 
 
-def column_overrides(column: str) -> list[str]:
-    task = task_for(column)
-    if task.noise == "categorical":
-        return ["task.noise=categorical", "task.sigma_set=" + ",".join(map(str, task.sigma_set))]
-    return ["task.noise=uniform", f"task.sigma_max={task.sigma_max}"]
-
-
 def cell_config(
     cell: Cell, steps: int | None, seeds: int, extra: Sequence[str] = (), init_from: str = ""
 ) -> Config:
     """The config the sweep trains for one cell: the default preset with the cell's model,
     depth and noise, the recipe's learning rate and steps (`steps` overrides them), the warm
-    start `init_from` (see `warm_start`), then the user's overrides."""
-    overrides = [
-        f"model.kind={cell.model}",
-        f"model.layers={cell.layers}",
-        f"train.lr={LEARNING_RATES[cell.model]}",
-        f"train.seeds={seeds}",
-        *column_overrides(cell.column),
-    ]
-    overrides.append(
-        f"train.steps={steps if steps is not None else recipe_steps(cell.model, cell.layers)}"
+    start `init_from` (see `warm_start`), then the user's `--set` overrides."""
+    base = preset("default")
+    config = dataclasses.replace(
+        base,
+        task=task_for(cell.column),
+        model=dataclasses.replace(
+            base.model, kind=cell.model, layers=cell.layers, init_from=init_from
+        ),
+        train=dataclasses.replace(
+            base.train,
+            lr=LEARNING_RATES[cell.model],
+            seeds=seeds,
+            steps=steps if steps is not None else recipe_steps(cell.model, cell.layers),
+        ),
     )
-    if init_from:
-        overrides.append(f"model.init_from={init_from}")
-    return preset("default", [*overrides, *extra])
+    return override(config, extra) if extra else config
 
 
 def weights_path(paper_dir: pathlib.Path, cell: Cell) -> pathlib.Path:
@@ -427,6 +440,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
         "eval_seconds": f"{result.get('eval_seconds', 0.0):.1f}",
         "status": result.get("status", "failed"),
         "pass": "",
+        **_tail_columns(model if ok else {}),
     }
     rows[cell] = row
     _write_csv(table_path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
@@ -444,6 +458,24 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
             },
         )
     return row
+
+
+def _tail_columns(model: dict) -> dict[str, str]:
+    """The tail columns of a cell's row from its eval.json "model" ("" where an older
+    evaluation did not compute them)."""
+    plain, tail = model.get("exact_tail"), model.get("tail")
+    out = dict.fromkeys(TAIL_FIELDS, "")
+    if plain:
+        out.update(exact_max=_fmt(plain["max"]), exact_top=_fmt(plain["top_share"]))
+    if tail:
+        out.update(
+            tail=_fmt(tail["mean"]),
+            tail_se=_fmt(tail["se"]),
+            tail_max=_fmt(tail["max"]),
+            tail_top=_fmt(tail["top_share"]),
+            tail_sequences=str(tail["sequences"]),
+        )
+    return out
 
 
 def _init_name(config: Config) -> str:
@@ -499,6 +531,22 @@ def _foreign_run_dirs(
         if diffs:
             out.append(f"{run_dir} ({diffs[0]})")
     return out
+
+
+def _check_run_dirs(
+    root: pathlib.Path, cells: Sequence[Cell], steps: int | None, seeds: int, extra: Sequence[str]
+) -> None:
+    """SweepError (one line) if a run directory of `cells` under `root` holds a run the
+    sweep would not resume."""
+    foreign = _foreign_run_dirs(root, cells, steps, seeds, extra)
+    if foreign:
+        n = len(foreign)
+        raise SweepError(
+            f"{n} run director{'y' if n == 1 else 'ies'} under {root} hold a run of another "
+            "config than asked (the recipe or --steps/--seeds/--set changed since), e.g. "
+            f"{foreign[0]}; move {'it' if n == 1 else 'them'} away or choose another "
+            "--run-root (nothing was run)"
+        )
 
 
 def record_weights(
@@ -596,61 +644,36 @@ class _Progress:
             self.bar.close()
 
 
-def sweep(
+def _train_stage(
+    stage: "Train",
     cells: Sequence[Cell],
-    run_root: pathlib.Path,
+    recipe: "Recipe",
     paper_dir: pathlib.Path,
+    run_root: pathlib.Path,
     steps: int | None,
     seeds: int,
-    extra: Sequence[str] = (),
-    force: bool = False,
-    echo: Callable[[str], None] = print,
-    progress: bool = True,
-    warm: bool = True,
-    baselines_dir: pathlib.Path | None = None,
-    starts_from: Sequence[pathlib.Path] = (),
-    across_noise: bool = False,
+    extra: Sequence[str],
+    force: bool,
+    echo: Callable[[str], None],
+    progress: bool,
 ) -> list[dict]:
-    """Train, evaluate and record every cell not yet recorded (all of them with `force`).
-    With `warm` (the recipe), each cell starts from its best recorded candidate
-    (`warm_start`) in `paper_dir` or in the finished passes `starts_from` (there also across
-    noise settings with `across_noise`); cells run noise setting by noise setting, shallow
-    before deep and GD++ before DIAG before FULL, so that every candidate is trained before
-    the cells it starts.
-    The baselines are recorded once per noise setting in `baselines_dir` (default
-    `paper_dir`)."""
+    """Train, evaluate and record this stage's candidate of every cell not yet recorded in
+    it (all of them with `force`), each from the GD start or (`stage.warm`) from its best
+    start (`warm_start`). A warm cell whose starts are not all recorded yet waits (one line
+    each): it would start elsewhere than in a run from scratch. Cells run noise setting by
+    noise setting, shallow before deep and GD++ before DIAG before FULL, so that every start
+    is trained before the cells it starts."""
     from ._run import run
 
-    for cell in cells:  # every config is checked before anything runs
-        try:
-            cell_config(cell, steps, seeds, extra)
-        except ConfigError as e:
-            raise SweepError(f"cell {cell.name}: {e}") from None
-    done = read_table(paper_dir / "table1.csv")
+    store = stage_dir(paper_dir, stage)
+    root = run_root / stage.name
+    also = [stage_dir(paper_dir, recipe.stage(name)) for name in stage.starts_from]
+    done = read_table(store / "table1.csv")
     todo = [c for c in cells if force or c not in done]
-    echo(
-        f"{len(cells)} cells asked, {len(cells) - len(todo)} already in {paper_dir / 'table1.csv'}, {len(todo)} to run"
-    )
-    foreign = _foreign_run_dirs(run_root, todo, steps, seeds, extra)
-    if foreign:
-        n = len(foreign)
-        raise SweepError(
-            f"{n} run director{'y' if n == 1 else 'ies'} under {run_root} hold a run of another "
-            "config than asked (the recipe or --steps/--seeds/--set changed since), e.g. "
-            f"{foreign[0]}; move {'it' if n == 1 else 'them'} away or choose another "
-            "--run-root (nothing was run)"
-        )
-    columns = sorted({c.column for c in cells}, key=COLUMNS.index)
-    baselines_dir = paper_dir if baselines_dir is None else baselines_dir
-    have = recorded_baseline_columns(baselines_dir)
-    for column in columns:
-        if force or column not in have:
-            echo(f"baselines for noise {column}")
-            record_baselines(
-                baselines_dir, column, cell_config(Cell("diag", 3, column), steps, seeds, extra)
-            )
+    _check_run_dirs(root, todo, steps, seeds, extra)
+    echo(f"{stage.name}: {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
     weights = {c: c.layers + 2 for c in todo}  # deeper cells cost more; for the estimate
-    bar = _Progress(sum(weights.values()), "sweep", "work", progress, echo)
+    bar = _Progress(sum(weights.values()), stage.name, "work", progress, echo)
     out = []
     t0 = time.perf_counter()
     # Noise setting by noise setting, so that its test sequences are drawn once (see
@@ -659,34 +682,39 @@ def sweep(
     with reuse_test_data():
         try:
             for i, cell in enumerate(todo):
-                config = _resumed_config(run_root / cell.name, cell, steps, seeds, extra)
+                config = _resumed_config(root / cell.name, cell, steps, seeds, extra)
                 if config is None:
+                    waits = recipe.missing_inputs(stage, cell, paper_dir)
+                    if waits:
+                        bar.done(
+                            f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} waits for "
+                            f"{', '.join(waits)} (not recorded yet)",
+                            weights[cell],
+                        )
+                        continue
                     config = cell_config(cell, steps, seeds, extra)
-                    start = (
-                        warm_start(paper_dir, cell, config, starts_from, across_noise)
-                        if warm
-                        else None
-                    )
-                    if start is not None:
-                        config = cell_config(cell, steps, seeds, extra, str(start))
+                    if stage.warm:
+                        start = warm_start(store, cell, config, also, stage.across_noise)
+                        if start is not None:
+                            config = cell_config(cell, steps, seeds, extra, str(start))
                 bar.working(cell.name)
                 result = run(
-                    config,
-                    run_root / cell.name,
-                    progress=False,
-                    echo=lambda _: None,
-                    baselines=False,
+                    config, root / cell.name, progress=False, echo=lambda _: None, baselines=False
                 )
                 if result.get("status") == "ok":
-                    record_weights(paper_dir, cell, run_root / cell.name, result)
-                row = record_cell(paper_dir, cell, config, result)
+                    record_weights(store, cell, root / cell.name, result)
+                row = record_cell(store, cell, config, result)
                 out.append(row)
                 paper = f" (paper {row['paper']})" if row["paper"] else ""
-                msg = f"[{i + 1}/{len(todo)}] {cell.name} (from {row['init']}): {row['exact']} ± {row['exact_se']}{paper} {row['status']}, {float(row['train_seconds']):.0f} s train"
+                msg = (
+                    f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} (from {row['init']}): "
+                    f"{row['exact']} ± {row['exact_se']}{paper} {row['status']}, "
+                    f"{float(row['train_seconds']):.0f} s train"
+                )
                 bar.done(msg, weights[cell])
         finally:
             bar.close()
-    echo(f"sweep: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
+    echo(f"{stage.name}: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -700,6 +728,20 @@ def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         return math.inf
     return loss if math.isfinite(loss) else math.inf
+
+
+def _validated_by(paper_dir: pathlib.Path, cell: Cell) -> str | None:
+    """How a recorded candidate's validation loss was estimated, from the config in its cell
+    file: "plain N" (eqicl before the tail-aware selection: no eval.proposal_* in the config)
+    or "tail-aware N (proposal)"; None without a readable cell file."""
+    try:
+        data = json.loads((paper_dir / "cells" / f"{cell.name}.json").read_text())
+        ev, n = data["config"]["eval"], data["config"]["train"]["select_sequences"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    if "proposal_x" not in ev:
+        return f"plain {n}"
+    return f"tail-aware {n} ({ev['proposal_x']}, {ev['proposal_w']}, {ev['proposal_shares']})"
 
 
 def merge_choices(
@@ -717,6 +759,13 @@ def merge_choices(
         raise SweepError("the passes must be directories with distinct names")
     choices = []
     for cell in sorted({c for t in tables.values() for c in t}, key=_order):
+        how = {p.name: _validated_by(p, cell) for p in passes if cell in tables[p]}
+        if len({v for v in how.values() if v is not None}) > 1:
+            raise SweepError(
+                f"{cell.name}: its candidates' validation losses were estimated differently ("
+                + ", ".join(f"{k}: {v}" for k, v in how.items())
+                + "), so they cannot be compared; rerun the stages with one version of eqicl"
+            )
         losses = {p: validation_loss(p, cell) if cell in tables[p] else math.inf for p in passes}
         best = min(passes, key=lambda p: losses[p])
         if not math.isfinite(losses[best]):
@@ -758,39 +807,30 @@ def merge(
     return counts
 
 
-# The recipe's polish pass (eqicl._polish): GD++ and DIAG cells of at most 3 layers.
-POLISH_STARTS = 4
-POLISH_ITERATIONS = 50
-POLISH_SEQUENCES = 20_000
-
-
-def polish_pass(
-    source: pathlib.Path,
+def _polish_stage(
+    stage: "Polish",
     cells: Sequence[Cell],
+    recipe: "Recipe",
     paper_dir: pathlib.Path,
-    starts: int = POLISH_STARTS,
-    iterations: int = POLISH_ITERATIONS,
-    sequences: int = POLISH_SEQUENCES,
-    extra: Sequence[str] = (),
-    force: bool = False,
-    echo: Callable[[str], None] = print,
-    progress: bool = True,
+    extra: Sequence[str],
+    force: bool,
+    echo: Callable[[str], None],
+    progress: bool,
 ) -> list[dict]:
-    """A sweep pass that trains nothing with Adam. Each of `cells` recorded in `source` (a
-    paper directory: the recipe's merge) gets these candidates:
-    - its recorded weights;
+    """A stage that trains nothing with Adam. Each cell, once the earlier stages have
+    recorded it, gets these candidates, starting from its best candidate of those stages
+    (by validation loss, as the table takes it):
+    - those weights;
     - for GD++ and DIAG, those weights polished (`eqicl._polish.polish`: L-BFGS on the exact
-      objective over `sequences` fixed sequences, float64), and `starts - 1` perturbed copies
-      of them polished (FULL is not polished: its 242 parameters per layer fit the sample's
-      rare heavy sequences instead);
-    - the cells of a narrower kind and the same depth already recorded by this pass (GD++
-      into DIAG and FULL, DIAG into FULL), embedded exactly.
-    The best on the cell's validation sequences is evaluated and recorded in `paper_dir` like
-    a trained cell (`init` names the source, `steps` the L-BFGS iterations; its cell file
-    lists the candidates and their validation losses), so that `merge` can weigh it against
-    the other passes. The recorded weights are a candidate, so a cell never gets worse on
-    validation. Cells already in `paper_dir` are skipped unless `force`; a pass runs GD++
-    before DIAG before FULL, so the narrower candidates exist."""
+      objective over `stage.sequences` fixed sequences, float64), and `stage.starts - 1`
+      perturbed copies of them polished (FULL is not polished: its 242 parameters per layer
+      fit the sample's rare heavy sequences instead);
+    - the cells of a narrower kind and the same depth recorded by this stage (GD++ into DIAG
+      and FULL, DIAG into FULL), embedded exactly.
+    The best on the cell's validation sequences is evaluated and recorded like a trained
+    cell (`init` names the source, `steps` the L-BFGS iterations; its cell file lists the
+    candidates and their validation losses). The starting weights are a candidate, so a
+    cell never gets worse on validation. Recorded cells are skipped unless `force`."""
     import jax.random as jr
     import numpy as np
 
@@ -799,32 +839,29 @@ def polish_pass(
     from ._polish import perturb, polish
     from ._task import prng_key
 
-    if starts < 1 or iterations < 1 or sequences < 1:
-        raise SweepError("the polish starts, iterations and sequences must be >= 1")
-    if not (source / "table1.csv").is_file():
-        raise SweepError(f"--polish {source}: no table1.csv there (run the passes it polishes)")
-    recorded = read_table(source / "table1.csv")
-    have = [
-        c
-        for c in cells
-        if c in recorded and recorded[c].get("status") == "ok" and weights_path(source, c).is_file()
-    ]
-    done = read_table(paper_dir / "table1.csv")
+    store = stage_dir(paper_dir, stage)
+    earlier = [stage_dir(paper_dir, st) for st in recipe.stages[: recipe.stages.index(stage)]]
+    done = read_table(store / "table1.csv")
     todo = sorted(
-        (c for c in have if force or c not in done),
+        (c for c in cells if force or c not in done),
         key=lambda c: (COLUMNS.index(c.column), c.layers, MODELS.index(c.model)),
     )
-    echo(
-        f"{len(cells)} cells asked, {len(cells) - len(have)} not recorded in {source}, "
-        f"{len(have) - len(todo)} already polished in {paper_dir}, {len(todo)} to polish"
-    )
-
-    bar = _Progress(len(todo), "polish", "cell", progress, echo)
+    echo(f"{stage.name}: {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
+    starts, iterations, sequences = stage.starts, stage.iterations, stage.sequences
+    bar = _Progress(len(todo), stage.name, "cell", progress, echo)
     out = []
     t_all = time.perf_counter()
     with reuse_test_data():
         try:
             for i, cell in enumerate(todo):
+                waits = recipe.missing_inputs(stage, cell, paper_dir)
+                source = _best_source(earlier, cell)
+                if waits or source is None:
+                    why = f"waits for {', '.join(waits)} (not recorded yet)" if waits else (
+                        "has no trained candidate to start from (every earlier one failed)"
+                    )
+                    bar.done(f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} {why}")
+                    continue
                 bar.working(cell.name)
                 src = weights_path(source, cell)
                 config = cell_config(cell, iterations, 1, extra, str(src))
@@ -841,7 +878,7 @@ def polish_pass(
                     candidates += [cast(m, eval_dtype()) for m in polished]
                     names += [f"polished start {k}" for k in range(starts)]
                 for narrower in MODELS[: MODELS.index(cell.model)]:
-                    path = weights_path(paper_dir, Cell(narrower, cell.layers, cell.column))
+                    path = weights_path(store, Cell(narrower, cell.layers, cell.column))
                     if path.is_file():
                         candidates.append(start_model(path, config, eval_dtype()))
                         names.append(start_name(path))
@@ -862,19 +899,247 @@ def polish_pass(
                     result.update(status="ok", eval_seconds=time.perf_counter() - t1)
                     save_weights(
                         candidates[best],
-                        weights_path(paper_dir, cell),
+                        weights_path(store, cell),
                         select_loss=float(losses[best]),
                     )
                 result.update(selection=selection, train_seconds=train_seconds)
-                row = record_cell(paper_dir, cell, config, result)
+                row = record_cell(store, cell, config, result)
                 out.append(row)
                 msg = (
-                    f"[{i + 1}/{len(todo)}] {cell.name}: {row['exact']} ± {row['exact_se']} "
+                    f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name}: {row['exact']} ± "
+                    f"{row['exact_se']} "
                     f"(paper {row['paper']}), {names[best]}: validation {losses[0]:.4g} -> "
                     f"{losses[best]:.4g}, {train_seconds:.0f} s"
                 )
                 bar.done(msg)
         finally:
             bar.close()
-    echo(f"polish: {len(out)} cells in {time.perf_counter() - t_all:.0f} s")
+    echo(f"{stage.name}: {len(out)} cells in {time.perf_counter() - t_all:.0f} s")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe as data, the candidate store and the one driver.
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """A stage that trains its cells with Adam (`eqicl.run`, the recipe's config of each
+    cell): from the GD start, or with `warm` from the best (on the cell's validation
+    sequences) of the candidates that embed exactly into it (`start_candidates`) recorded by
+    this stage or by the stages `starts_from`, and with `across_noise` also the same model
+    and depth of the neighbouring noise settings recorded by `starts_from`. `max_layers`
+    (as `--max-layers`) says which cells the stage covers."""
+
+    name: str
+    max_layers: str = "7"
+    warm: bool = False
+    starts_from: tuple[str, ...] = ()
+    across_noise: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Polish:
+    """A stage that refines the best candidate so far of each covered cell by L-BFGS
+    (`eqicl.polish`: `starts` starts, the weights and perturbed copies, `iterations`
+    iterations on `sequences` fixed sequences) and offers the stage's narrower cells of the
+    same depth (see `_polish_stage`)."""
+
+    name: str
+    max_layers: str = "3"
+    starts: int = 4
+    iterations: int = 50
+    sequences: int = 20_000
+
+
+Stage = Train | Polish
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Stages run in order; each records one candidate per covered cell in
+    `<paper-dir>/candidates/<stage>/`, and the table is the best candidate of every cell by
+    validation loss."""
+
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise SweepError(f"a recipe's stages need distinct names, got {names}")
+        for i, st in enumerate(self.stages):
+            depth_limit(st.max_layers)
+            if isinstance(st, Train):
+                bad = [n for n in st.starts_from if n not in names[:i]]
+                if bad:
+                    raise SweepError(f"stage {st.name} starts from {bad[0]!r}, not an earlier stage")
+                if st.across_noise and not st.starts_from:
+                    raise SweepError(f"stage {st.name}: across_noise takes its starts_from stages")
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def covers(self, stage: Stage, cell: Cell) -> bool:
+        return depth_limit(stage.max_layers)(cell)
+
+    def inputs(self, stage: Stage, cell: Cell) -> list[tuple[Stage, Cell]]:
+        """The candidates this stage's `cell` is made from, whether recorded or not: the
+        deterministic result of a stage needs all of them."""
+        out: list[tuple[Stage, Cell]] = []
+        if isinstance(stage, Train) and stage.warm:
+            own = [self.stage(n) for n in stage.starts_from] + [stage]
+            out += [(s, c) for c in start_candidates(cell) for s in own if self.covers(s, c)]
+            if stage.across_noise:
+                starts = [self.stage(n) for n in stage.starts_from]
+                out += [
+                    (s, c) for c in neighbour_candidates(cell) for s in starts if self.covers(s, c)
+                ]
+        elif isinstance(stage, Polish):
+            earlier = self.stages[: self.stages.index(stage)]
+            out += [(s, cell) for s in earlier if self.covers(s, cell)]
+            narrower = [Cell(m, cell.layers, cell.column) for m in MODELS[: MODELS.index(cell.model)]]
+            out += [(stage, c) for c in narrower if self.covers(stage, c)]
+        return out
+
+    def missing_inputs(self, stage: Stage, cell: Cell, paper_dir: pathlib.Path) -> list[str]:
+        """`inputs` not recorded yet, as `<stage>/<cell>`."""
+        tables: dict[str, dict] = {}
+        out = []
+        for s, c in self.inputs(stage, cell):
+            if s.name not in tables:
+                tables[s.name] = read_table(stage_dir(paper_dir, s) / "table1.csv")
+            if c not in tables[s.name]:
+                out.append(f"{s.name}/{c.name}")
+        return out
+
+
+RECIPE = Recipe(
+    (
+        Train("cold", max_layers="4,full:7"),
+        Train("warm", warm=True, starts_from=("cold",), across_noise=True),
+        Polish("polish", max_layers="3"),
+    )
+)
+"""The recipe of Table 1 (README "Reproducing the paper"): a cold stage (the cells of 1-4
+layers and FULL at every depth from the GD start), a warm stage (every cell from its best
+start across both), and a polish stage for the cells of at most 3 layers."""
+
+
+def stage_dir(paper_dir: pathlib.Path, stage: Stage) -> pathlib.Path:
+    """Where a stage's candidates live: `<paper-dir>/candidates/<stage>/`, laid out as a
+    paper directory (table1.csv, cells/, weights/)."""
+    return paper_dir / "candidates" / stage.name
+
+
+def _best_source(stage_dirs: Sequence[pathlib.Path], cell: Cell) -> pathlib.Path | None:
+    """The stage directory holding the cell's best recorded candidate by validation loss
+    (ties to the earlier stage; None if no stage has a finite one), as the table takes it."""
+    losses = [(validation_loss(d, cell), d) for d in stage_dirs]
+    best = min(losses, key=lambda t: t[0], default=(math.inf, None))
+    return best[1] if math.isfinite(best[0]) else None
+
+
+def run_recipe(
+    cells: Sequence[Cell],
+    paper_dir: pathlib.Path,
+    run_root: pathlib.Path,
+    steps: int | None = None,
+    seeds: int = 1,
+    extra: Sequence[str] = (),
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+    recipe: Recipe | None = None,
+) -> dict[str, int]:
+    """The whole recipe for `cells`, from scratch or from wherever it stopped: the baselines
+    of their noise settings (once, in `paper_dir`), every stage in order (each skips the
+    cells it has recorded, unless `force`, and says which cells wait for inputs not
+    recorded yet), then the table: `paper_dir/table1.csv`, `cells/`, `weights/` as the best
+    candidate of every recorded cell (`assemble`). `steps` and `seeds` are the Adam stages'
+    (None: the recipe's steps); `extra` are `--set` overrides for every cell. Returns how many
+    cells the table takes from each stage. `recipe`: default `RECIPE`."""
+    recipe = recipe or RECIPE
+    for cell in cells:  # every config is checked before anything runs
+        try:
+            cell_config(cell, steps, seeds, extra)
+        except ConfigError as e:
+            raise SweepError(f"cell {cell.name}: {e}") from None
+    for stage in recipe.stages:  # and every run directory, before anything is written
+        if isinstance(stage, Train):
+            done = read_table(stage_dir(paper_dir, stage) / "table1.csv")
+            todo = [c for c in cells if recipe.covers(stage, c) and (force or c not in done)]
+            _check_run_dirs(run_root / stage.name, todo, steps, seeds, extra)
+    columns = sorted({c.column for c in cells}, key=COLUMNS.index)
+    have = recorded_baseline_columns(paper_dir)
+    for column in columns:  # once: the baselines are no candidates, --force leaves them
+        if column not in have:
+            echo(f"baselines for noise {column}")
+            record_baselines(
+                paper_dir, column, cell_config(Cell("diag", 3, column), steps, seeds, extra)
+            )
+    for stage in recipe.stages:
+        covered = [c for c in cells if recipe.covers(stage, c)]
+        if isinstance(stage, Train):
+            _train_stage(
+                stage, covered, recipe, paper_dir, run_root, steps, seeds, extra, force, echo,
+                progress,
+            )
+        else:
+            _polish_stage(stage, covered, recipe, paper_dir, extra, force, echo, progress)
+    return assemble(paper_dir, recipe, echo)
+
+
+def assemble(
+    paper_dir: pathlib.Path, recipe: Recipe | None = None, echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    """The table: every cell recorded by a stage becomes its best candidate by validation
+    loss (`merge` of the stage directories; never the test loss)."""
+    recipe = recipe or RECIPE
+    dirs = [d for st in recipe.stages if (d := stage_dir(paper_dir, st) / "table1.csv").is_file()]
+    if not dirs:
+        echo("no candidates recorded yet")
+        return {}
+    return merge([d.parent for d in dirs], paper_dir, echo)
+
+
+def listing(
+    cells: Sequence[Cell],
+    paper_dir: pathlib.Path,
+    steps: int | None,
+    seeds: int,
+    extra: Sequence[str],
+    recipe: Recipe | None = None,
+) -> list[str]:
+    """One line per cell: each stage's candidate (its validation loss; `to run`, `waits` for
+    unrecorded inputs, or `-` where the stage does not cover the cell) and the stage the
+    table takes (`table=<stage>`); a recorded Adam candidate whose steps, lr or seeds differ
+    from what is asked now says so. Reads only."""
+    recipe = recipe or RECIPE
+    tables = {st.name: read_table(stage_dir(paper_dir, st) / "table1.csv") for st in recipe.stages}
+    lines = []
+    for cell in cells:
+        parts, best, best_loss = [], None, math.inf
+        now = cell_config(cell, steps, seeds, extra).train
+        changed = []
+        for st in recipe.stages:
+            if not recipe.covers(st, cell):
+                parts.append(f"{st.name}=-")
+                continue
+            row = tables[st.name].get(cell)
+            if row is None:
+                waiting = recipe.missing_inputs(st, cell, paper_dir)
+                parts.append(f"{st.name}={'waits' if waiting else 'to-run'}")
+                continue
+            loss = validation_loss(stage_dir(paper_dir, st), cell)
+            parts.append(f"{st.name}={loss:.6g}")
+            if loss < best_loss:
+                best, best_loss = st.name, loss
+            if isinstance(st, Train):
+                asked = {"steps": now.steps, "lr": now.lr, "seeds": now.seeds}
+                changed += [
+                    f"{st.name}.{k}={v:g}" for k, v in asked.items() if float(row[k]) != v
+                ]
+        table = f"table={best}" if best else "table=-"
+        after = f" (asked now: {' '.join(changed)})" if changed else ""
+        lines.append(f"{cell.name:<16} {' '.join(parts)} {table}{after}")
+    return lines

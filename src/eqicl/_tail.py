@@ -131,7 +131,8 @@ def summarize(losses, log_weights=None, top: float = 1e-3) -> dict[str, float | 
     by exp(`log_weights`)): `sequences`, `mean`, `se`, `max` (the largest per-sequence loss),
     `top_share` (the share of the mean carried by the top `top` fraction of the sequences'
     contributions w_i ℓ_i / N), `top_sequences` (how many that is), `ess` (the effective
-    sample size (Σw)²/Σw² of the weights; N without them) and `finite`."""
+    sample size (Σw)²/Σw² of the weights; N without them) and `finite`. A sequence whose loss
+    overflowed (inf, or NaN from inf − inf) makes the mean and the largest loss inf."""
     v = np.asarray(losses, np.float64).ravel()
     n = v.size
     w = np.ones(n) if log_weights is None else np.exp(np.asarray(log_weights, np.float64).ravel())
@@ -139,10 +140,10 @@ def summarize(losses, log_weights=None, top: float = 1e-3) -> dict[str, float | 
     finite = bool(np.all(np.isfinite(contrib)))
     if finite:
         mean = float(contrib.mean()) if n else math.nan
-        se = float(contrib.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    else:  # an overflowed or NaN sequence: the mean is inf (or NaN), its error unknown
-        mean = math.nan if np.any(np.isnan(contrib)) else math.inf
-        se = math.nan
+        with np.errstate(over="ignore"):  # contributions beyond ~1e154: the se is inf
+            se = float(contrib.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    else:  # an overflowed sequence (inf, or NaN from inf − inf): the mean is inf
+        mean, se = math.inf, math.nan
     k = max(1, math.ceil(top * n))
     if finite and n:
         total = contrib.sum()
@@ -154,7 +155,7 @@ def summarize(losses, log_weights=None, top: float = 1e-3) -> dict[str, float | 
         "sequences": n,
         "mean": mean,
         "se": se,
-        "max": float(np.max(v)) if n and not np.any(np.isnan(v)) else math.nan,
+        "max": (float(np.max(v)) if finite else math.inf) if n else math.nan,
         "top_share": share,
         "top_sequences": k,
         "ess": float(w.sum() ** 2 / np.sum(w**2)) if n else 0.0,

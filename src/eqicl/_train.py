@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from . import _faults
 from ._config import Config, TrainConfig
-from ._fast import Stats, per_sequence_loss, sample_stats
+from ._fast import Stats, per_sequence_loss, sample_stats, sample_weighted_stats
 from ._model import LinearTransformer, init_transformer
 from ._parallel import data_mesh
 from ._task import Batch, batch_oracle_weights, prng_key, sample_batch
@@ -77,9 +77,17 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return adam
 
 
-def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) -> Float[Array, ""]:
+def loss_fn(
+    model: LinearTransformer,
+    batch: Batch | Stats,
+    train: TrainConfig,
+    log_weight: Float[Array, " batch"] | None = None,
+) -> Float[Array, ""]:
     """Training loss. `exact`: ½‖w^L − μ‖² (adjusted loss, no query or posterior noise);
-    `sampled`: ½(ŷ − y_t)². Each sequence's loss is capped at `loss_clip` (if > 0), hard or soft (`loss_cap`).
+    `sampled`: ½(ŷ − y_t)². With `log_weight` (sequences drawn from an importance-sampling
+    proposal, `eqicl.sample_weighted_stats`) each sequence's loss is multiplied by its weight
+    f/q, so the mean is unbiased for the task's expectation. Each sequence's (weighted) loss
+    is then capped at `loss_clip` (if > 0), hard or soft (`loss_cap`).
 
     A `Stats` batch runs the statistics formulation (eqicl._fast, the default); a `Batch`
     runs the paper's token equation through `LinearTransformer` (the reference)."""
@@ -92,6 +100,8 @@ def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) 
     else:
         pred = jax.vmap(model.predict)(batch.x, batch.y, batch.xq)
         per_seq = 0.5 * (pred - batch.yq) ** 2
+    if log_weight is not None:
+        per_seq = per_seq * jnp.exp(log_weight).astype(per_seq.dtype)
     if train.loss_clip > 0 and train.loss_cap == "soft":
         per_seq = train.loss_clip * jnp.log1p(per_seq / train.loss_clip)
     elif train.loss_clip > 0:
@@ -99,18 +109,26 @@ def loss_fn(model: LinearTransformer, batch: Batch | Stats, train: TrainConfig) 
     return jnp.mean(per_seq)
 
 
-def sample_train_data(key: PRNGKeyArray, config: Config) -> Batch | Stats:
-    """One step's batch in the form `train.formulation` consumes. Under a mesh with a "data"
-    axis (see `train_loop`) the batch axis is sharded over it."""
+def sample_train_data(
+    key: PRNGKeyArray, config: Config
+) -> tuple[Batch | Stats, Float[Array, " batch"] | None]:
+    """One step's batch in the form `train.formulation` consumes, and its sequences' log
+    importance weights (None under the task's own law, `train.proposal_*` plain). Under a
+    mesh with a "data" axis (see `train_loop`) the batch axis is sharded over it."""
     tc = config.train
     if tc.formulation == "stats":
-        return sample_stats(key, config.task, tc.batch, train_dtype(tc), tc.sampler)
+        proposal = tc.proposal
+        if proposal.plain:
+            return sample_stats(key, config.task, tc.batch, train_dtype(tc), tc.sampler), None
+        return sample_weighted_stats(
+            key, config.task, tc.batch, proposal, train_dtype(tc), tc.sampler
+        )
     batch = sample_batch(key, config.task, tc.batch, train_dtype(tc))
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and "data" in mesh.axis_names:
         spec = jax.sharding.PartitionSpec("data")
         batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), batch)
-    return batch
+    return batch, None
 
 
 def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
@@ -149,8 +167,8 @@ def train_step(
     `state.skipped`)."""
     optimizer = make_optimizer(config.train)
     _, data_key = member_keys(config.seed, member)
-    batch = sample_train_data(jr.fold_in(data_key, state.step), config)
-    loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train)
+    batch, log_weight = sample_train_data(jr.fold_in(data_key, state.step), config)
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train, log_weight)
     loss, grads = _faults.corrupt_gradient(loss, grads, state.step, member, state.rollbacks)
     params = eqx.filter(state.model, eqx.is_inexact_array)
     # optax mixes Python floats with its int32 step count (bias correction, schedules), which
