@@ -857,8 +857,10 @@ def _polish_stage(
                 waits = recipe.missing_inputs(stage, cell, paper_dir)
                 source = _best_source(earlier, cell)
                 if waits or source is None:
-                    why = f"waits for {', '.join(waits)} (not recorded yet)" if waits else (
-                        "has no trained candidate to start from (every earlier one failed)"
+                    why = (
+                        f"waits for {', '.join(waits)} (not recorded yet)"
+                        if waits
+                        else ("has no trained candidate to start from (every earlier one failed)")
                     )
                     bar.done(f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} {why}")
                     continue
@@ -972,7 +974,9 @@ class Recipe:
             if isinstance(st, Train):
                 bad = [n for n in st.starts_from if n not in names[:i]]
                 if bad:
-                    raise SweepError(f"stage {st.name} starts from {bad[0]!r}, not an earlier stage")
+                    raise SweepError(
+                        f"stage {st.name} starts from {bad[0]!r}, not an earlier stage"
+                    )
                 if st.across_noise and not st.starts_from:
                     raise SweepError(f"stage {st.name}: across_noise takes its starts_from stages")
 
@@ -997,7 +1001,9 @@ class Recipe:
         elif isinstance(stage, Polish):
             earlier = self.stages[: self.stages.index(stage)]
             out += [(s, cell) for s in earlier if self.covers(s, cell)]
-            narrower = [Cell(m, cell.layers, cell.column) for m in MODELS[: MODELS.index(cell.model)]]
+            narrower = [
+                Cell(m, cell.layers, cell.column) for m in MODELS[: MODELS.index(cell.model)]
+            ]
             out += [(stage, c) for c in narrower if self.covers(stage, c)]
         return out
 
@@ -1081,7 +1087,16 @@ def run_recipe(
         covered = [c for c in cells if recipe.covers(stage, c)]
         if isinstance(stage, Train):
             _train_stage(
-                stage, covered, recipe, paper_dir, run_root, steps, seeds, extra, force, echo,
+                stage,
+                covered,
+                recipe,
+                paper_dir,
+                run_root,
+                steps,
+                seeds,
+                extra,
+                force,
+                echo,
                 progress,
             )
         else:
@@ -1136,9 +1151,7 @@ def listing(
                 best, best_loss = st.name, loss
             if isinstance(st, Train):
                 asked = {"steps": now.steps, "lr": now.lr, "seeds": now.seeds}
-                changed += [
-                    f"{st.name}.{k}={v:g}" for k, v in asked.items() if float(row[k]) != v
-                ]
+                changed += [f"{st.name}.{k}={v:g}" for k, v in asked.items() if float(row[k]) != v]
         table = f"table={best}" if best else "table=-"
         after = f" (asked now: {' '.join(changed)})" if changed else ""
         lines.append(f"{cell.name:<16} {' '.join(parts)} {table}{after}")

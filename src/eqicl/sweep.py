@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from ._cli import setup_jax
 
     setup_jax()
-    from ._run import RunDirError
     from ._config import ConfigError
+    from ._run import RunDirError
     from ._sweep import SweepError, listing, parse_cells, run_recipe
 
     try:
