@@ -146,3 +146,22 @@ def test_loss_cap_closed_form(cap):
     want = np.mean(np.minimum(per, c) if cap == "hard" else c * np.log1p(per / c))
     train = eqicl.TrainConfig(loss_clip=c, loss_cap=cap, formulation="tokens")
     np.testing.assert_allclose(float(loss_fn(model, batch, train)), want, rtol=1e-12)
+
+
+def test_the_jitted_step_is_traced_once_per_chunk_length(monkeypatch):
+    """train_loop compiles one program per chunk length and reuses it (STYLE 5): calls of
+    10, 10, 10 and 5 steps trace the step twice, not four times."""
+    from eqicl import _train
+
+    step = _train.train_step
+
+    def run(steps, max_traces):
+        counted = eqx.debug.assert_max_traces(step, max_traces=max_traces)
+        monkeypatch.setattr(_train, "train_step", counted)
+        config = eqicl.preset("tiny", [f"train.steps={steps}", "train.seeds=1"])
+        state = _train.train_loop(config, _train.init_ensemble(config))
+        assert int(state.step[0]) == steps
+
+    run(35, 2)
+    with pytest.raises(RuntimeError, match="traced"):
+        run(35, 1)
