@@ -7,7 +7,7 @@ paper's plus max(10 % of it, 0.002) (issue 4's target), *beaten* when it is also
 paper's by more than max(5 % of it, two standard errors), *missed* otherwise; cells not yet
 run are *missing*. The verdict uses the exact estimator (same expectation as the paper's
 sampled one, far smaller standard error); the sampled value is shown beside it.
-A sweep pass's directory (`runs/paper/cold`, `runs/paper/warm`) holds no baselines: give
+A stage's directory (`runs/paper/candidates/cold`, ...) holds no baselines: give
 `--baselines-dir runs/paper`.
 """
 

@@ -1,12 +1,12 @@
 """Polishing a trained model: full-batch L-BFGS on the exact objective over a fixed sample.
 
-Adam on fresh batches stops in a local minimum that a second-order method on a fixed sample
-leaves at once, from the model itself or from a perturbed copy (measured on Table 1's 3-layer
-noiseless cells: GD++ 0.0211 → 0.0144, DIAG 0.0153 → 0.0128; README "Reproducing the paper").
-The objective is the one the training uses (½‖wᴸ − μ‖², SPEC §5) without the per-sequence
-cap, on `sequences` sequences drawn once, in float64. Meant for models with few parameters
-(GD++, DIAG): a FULL model's 242 parameters per layer fit the rare heavy sequences of the
-sample instead (FULL 3 layers, σ_max = 0: 0.019 → 1.56 on fresh test sequences).
+Adam on fresh batches can stop in a local minimum that a second-order method on a fixed sample
+leaves at once, from the model itself or from a perturbed copy (the measurements are in
+runs/paper/RESULTS.md). The objective is the one the training uses (½‖wᴸ − μ‖², SPEC §5)
+without the per-sequence cap, on `sequences` sequences drawn once, in float64. Meant for
+models with few parameters (GD++, DIAG): a FULL model's 242 parameters per layer fit the rare
+heavy sequences of the sample instead. A polished model fits its sample: judge it on other
+sequences, with an estimate that sees the tail (`eqicl.estimate`).
 """
 
 import equinox as eqx
@@ -38,7 +38,7 @@ def polish_objective(model: LinearTransformer, task: TaskConfig, key: PRNGKeyArr
     """(the fixed sample (statistics and posterior means μ), `loss(flat, sample)`,
     `flatten(model)` (its parameters as one float64 vector), `unflatten(flat)`) for models of
     `model`'s structure. The sample is an argument of the loss, not a constant inside it: XLA
-    would otherwise constant-fold through it while compiling (minutes, measured); μ is
+    would otherwise constant-fold through it while compiling (it did, for minutes); μ is
     computed once, not at every evaluation."""
     stats = sample_stats(key, task, sequences, jnp.float64, "wishart")
     sample = (stats.s, posterior_mean(stats))

@@ -1,12 +1,15 @@
 """The Table 1 sweep: {GD++, DIAG, FULL} × layers 1–7 × the paper's 10 noise settings.
 
-Every cell is an ordinary run directory under `run_root` (so it resumes like any run), and
-its result is recorded in the small committed files of `paper_dir`:
-`table1.csv` (one row per cell), `cells/<cell>.json` (loss after every layer and the
-per-variance profile, enough to redraw the figures without checkpoints) and
-`baselines.csv` + `baselines/<column>.json` (the baselines, scored once per noise setting).
-Cells already in `table1.csv` are skipped unless forced, so a sweep can run in parts, on
-several machines, and be interrupted at any point.
+The recipe (`RECIPE`) is a sequence of stages; each stage makes one candidate per cell it
+covers (an Adam run in an ordinary run directory under `run_root/<stage>/<cell>`, so it
+resumes like any run, or an L-BFGS polish) and records it in `paper_dir/candidates/<stage>/`:
+`table1.csv` (one row per cell), `cells/<cell>.json` (loss after every layer, the
+per-variance profile and the validation loss, enough to redraw the figures without
+checkpoints) and `weights/<cell>.npz`. The table in `paper_dir` is every cell's best candidate
+by validation loss (`assemble`); the baselines are scored once per noise setting into
+`baselines.csv` + `baselines/<column>.json`. Recorded candidates are skipped unless forced,
+so a sweep can run in parts, on several machines, and be interrupted at any point; a cell
+whose inputs are not recorded yet waits (`Recipe.missing_inputs`).
 """
 
 import contextlib
@@ -79,19 +82,16 @@ BASELINE_FIELDS = (
     "params",
 )
 
-# The recipe (SPEC §8, measured in README "Reproducing the paper"): scaled units, every layer
+# The recipe (SPEC §8, measurements in runs/paper/RESULTS.md): scaled units, every layer
 # starting as a stable GD step, the exact objective with per-sequence loss capped at 20,
 # Adam with warm-up and cosine decay, global-norm clip 1.
 LEARNING_RATES = {"gdpp": 3e-2, "diag": 3e-2, "full": 1e-2}
 
 
 def recipe_steps(model: str, layers: int) -> int:
-    """Training steps of a cell: deeper models keep improving for longer (DIAG 5 layers at
-    σ_max = 5 went from 0.0554 after 5,000 steps to 0.0510 after 15,000, SPEC §8), and FULL
-    from 5 layers twice as long: FULL 5 layers at σ ∈ {1, 3} went from 0.0198 after 6,000
-    steps to 0.0165 after 12,000. DIAG from 5 layers does not gain from twice the steps (its
-    27 cells at σ_max ≥ 1 moved by at most 1.5 %, README "Reproducing the paper"); GD++ keeps
-    its steps too, as it matches ConstRR from 3 layers already."""
+    """Training steps of a cell: 1000 × (layers + 1), twice that for FULL from 5 layers,
+    which keeps improving for longer (the measurements behind the rule are in
+    runs/paper/RESULTS.md)."""
     if model not in LEARNING_RATES:
         raise SweepError(f"unknown model {model!r} (one of {', '.join(LEARNING_RATES)})")
     return 1000 * (layers + 1) * (2 if model == "full" and layers >= 5 else 1)
@@ -325,7 +325,7 @@ def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
 
 def depth_limit(text: str) -> Callable[[Cell], bool]:
     """`--max-layers`: "N" keeps the cells of at most N layers; "N,MODEL:M,..." allows MODEL
-    up to M layers instead (the recipe's cold pass: "4,full:7"; "3,full:0": no FULL cell)."""
+    up to M layers instead (the recipe's cold stage: "4,full:7"; "3,full:0": no FULL cell)."""
     head, *rest = [p.strip() for p in text.split(",")]
     pairs = [part.split(":", 1) if ":" in part else [part, ""] for part in rest]
     try:

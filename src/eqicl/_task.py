@@ -13,9 +13,8 @@ PRNG_IMPL = "rbg"
 
 def prng_key(seed: int) -> PRNGKeyArray:
     """The root key of a run or an evaluation. `rbg` draws bits with XLA's RngBitGenerator
-    (split and fold_in stay threefry): deterministic on a given backend, and it compiles an
-    order of magnitude faster than threefry on XLA:CPU (measured 1 s vs 14 s for one batched
-    sampler on 2 cores), which dominates short runs, resumes and tests."""
+    (split and fold_in stay threefry): deterministic on a given backend, and it compiles much
+    faster than threefry on XLA:CPU, which dominates short runs, resumes and tests."""
     return jr.key(seed, impl=PRNG_IMPL)
 
 
