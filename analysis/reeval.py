@@ -88,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output stem (default <paper-dir>/reeval/…)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if not (2 <= args.sequences <= 10**9):
-        parser.error(f"--sequences must be in [2, 1e9], got {args.sequences}")
-    if not (0 <= args.seed < 2**63):
-        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
-    if args.chunk < 1:
-        parser.error(f"--chunk must be >= 1, got {args.chunk}")
+    for bad, message in (
+        (
+            not (2 <= args.sequences <= 10**9),
+            f"--sequences must be in [2, 1e9], got {args.sequences}",
+        ),
+        (not (0 <= args.seed < 2**63), f"--seed must be in [0, 2^63), got {args.seed}"),
+        (not (1 <= args.chunk <= 10**7), f"--chunk must be in [1, 1e7], got {args.chunk}"),
+    ):
+        if bad:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
 
     import jax
 
