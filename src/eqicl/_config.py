@@ -133,7 +133,13 @@ class TrainConfig:
     """Optimisation. `objective="exact"` trains on ½‖w^L − μ‖² (SPEC §5), `"sampled"` on
     ½(ŷ − y_t)²; `loss_clip` caps each sequence's loss (0 disables it): `loss_cap="hard"` as
     min(ℓ, c), which gives a sequence beyond the cap no gradient at all, `"soft"` as
-    c·log(1 + ℓ/c), which bounds its pull but still pushes it down.
+    c·log(1 + ℓ/c), which bounds its pull but still pushes it down. With an
+    importance-sampling proposal (`proposal_x`, `proposal_w`, `proposal_shares`, see
+    `eqicl.Proposal`; the default is the task's own law) each batch is drawn from the proposal
+    and each sequence's loss is weighted by f/q before the cap, so that the objective is
+    unbiased for the task's expectation and reaches its rare sequences; the cap is then best
+    a numerical guard far above typical losses. It needs the statistics formulation, and
+    float64 where models can overflow float32 on the proposal's heavier sequences.
 
     `formulation="stats"` runs the forward pass on the D×D context statistics (Theorem 4.1,
     n-independent), through eqicl's compiled CPU kernel on a single CPU device and in XLA
@@ -267,7 +273,9 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation: `sequences` fresh test sequences (the paper: 100,000), baselines tuned on
     `tune_sequences` others, per-variance profile on `profile_points` σ values up to
-    `profile_factor` × the largest training σ."""
+    `profile_factor` × the largest training σ, and the tail-aware estimate of the same
+    expectation on `tail_sequences` sequences from the proposal `proposal_*` (SPEC §9,
+    `eqicl.Proposal`), which the best-of-seeds selection uses too."""
 
     sequences: int = 100_000
     tune_sequences: int = 20_000
