@@ -276,7 +276,7 @@ def plot_theorem51(depth: dict, beyond: dict, path: pathlib.Path) -> pathlib.Pat
         fontsize=10,
     )
     ax1.grid(True, which="major", alpha=0.3)
-    ax1.legend(fontsize=7.5, loc="lower left")
+    ax1.legend(fontsize=7.5, loc="center left")
     pts = beyond["points"]
     tmax, loss = np.asarray(pts["tau_max"]), np.asarray(pts["loss"], np.float64)
     tmin = np.asarray(pts["tau_min"])

@@ -3,7 +3,7 @@
 Runs the hand-set constructions of the paper's Theorems 5.1 and 5.2 (`eqicl.theorem51_transformer`,
 `eqicl.theorem52_transformer`) through the model's forward pass on fresh sequences, in float64,
 and writes DIR/theorems.json with DIR/theorem51.png and DIR/theorem52.png (default DIR:
-runs/theory).
+runs/paper/theory).
 """
 
 import argparse
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         "hand-set weights: error against depth, beyond the covered spectrum, distance to "
         "ridge against n; a JSON file and two figures.",
     )
-    parser.add_argument("--out", default="runs/theory", help="output directory")
+    parser.add_argument("--out", default="runs/paper/theory", help="output directory")
     parser.add_argument(
         "--sequences", type=int, default=20_000, help="sequences for Theorem 5.1 against depth"
     )
