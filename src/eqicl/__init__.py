@@ -137,6 +137,20 @@ from ._task import (
 from ._task import (
     statistics as statistics,
 )
+from ._theory import Preconditioned as Preconditioned
+from ._theory import TwoLevel as TwoLevel
+from ._theory import diag_transformer as diag_transformer
+from ._theory import gdpp_transformer as gdpp_transformer
+from ._theory import residual_moments as residual_moments
+from ._theory import theorem51 as theorem51
+from ._theory import theorem51_map as theorem51_map
+from ._theory import theorem51_shrinkage as theorem51_shrinkage
+from ._theory import theorem51_transformer as theorem51_transformer
+from ._theory import theorem51_weights as theorem51_weights
+from ._theory import theorem52 as theorem52
+from ._theory import theorem52_transformer as theorem52_transformer
+from ._theory import theorem52_weights as theorem52_weights
+from ._theory import wishart_trace_moments as wishart_trace_moments
 from ._train import (
     TrainState as TrainState,
 )
