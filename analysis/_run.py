@@ -24,8 +24,10 @@ def _float64(tree):
 
 
 def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, eqicl.Config, dict]:
-    """(model, config, eval.json) of a finished run: the seed eval.json selected, from the
-    latest checkpoint. Raises `eqicl.RunDirError` (one-line message) for anything else."""
+    """(model, config, eval.json) of a finished run: exactly the model eval.json describes
+    (its selected seed, from the checkpoint of its step, recorded as ev["checkpoint"]).
+    Raises `eqicl.RunDirError` (one-line message) for anything else, a damaged or missing
+    checkpoint of that step included: an older one is never analysed in its place."""
     path = pathlib.Path(run_dir)
     if not path.is_dir():
         raise eqicl.RunDirError(f"{path} does not exist or is not a directory")
@@ -36,14 +38,22 @@ def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, 
         raise eqicl.RunDirError(f"{path} is unfinished (no eval.json); {hint}")
     try:
         ev = json.loads(ev_path.read_text())
-        best = int(ev["selection"]["best"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}") from None
+    if not isinstance(ev, dict):
+        raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}")
     if ev.get("status") != "ok":
         reason = ev.get("reason", "non-finite predictions")
-        raise eqicl.RunDirError(f"{path} is a failed run ({reason}); there is no model to analyse")
+        what = "a failed" if ev.get("status") == "failed" else f"a {ev.get('status')!s}"
+        raise eqicl.RunDirError(f"{path} is {what} run ({reason}); there is no model to analyse")
     try:
-        model, _ = eqicl.load_model(path, member=best)
+        int(ev["selection"]["best"])
+    except (KeyError, TypeError, ValueError):
+        raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}") from None
+    # Exactly the model eval.json describes: its seed at its step, never an older checkpoint.
+    step = eqicl.evaluated_step(ev, config)
+    try:
+        model, _ = eqicl.load_model(path)  # refuses a damaged or missing checkpoint `step`
     except eqicl.RunDirError:
         raise
     except Exception as e:  # orbax raises many kinds for a damaged checkpoint directory
@@ -52,6 +62,7 @@ def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, 
             f"{path}: cannot restore the checkpoint (written by another eqicl version? "
             f"{type(e).__name__}: {first[:200]})"
         ) from None
+    ev = {**ev, "checkpoint": step}
     return model, config, ev
 
 
@@ -81,7 +92,8 @@ def analyse_run(
     sigmas = default_sigmas(config.task) if sigmas is None else [float(s) for s in sigmas]
     batch_key, sigma_key = jr.split(jr.key(seed))
     echo(
-        f"analysing {path} (seed {ev['selection']['best']}, {config.model.kind} "
+        f"analysing {path} (seed {ev['selection']['best']} at step {ev['checkpoint']}, "
+        f"{config.model.kind} "
         f"{config.model.layers} layers) on {sequences:,} sequences"
     )
     batch = eqicl.sample_batch(batch_key, config.task, sequences, jnp.float64)
@@ -92,6 +104,7 @@ def analyse_run(
         eqicl=eqicl.__version__,
         run_dir=str(path),
         member=ev["selection"]["best"],
+        checkpoint=ev["checkpoint"],
         seed=seed,
         task=config.to_dict()["task"],
     )

@@ -104,6 +104,9 @@ from ._run import (
     RunDirError as RunDirError,
 )
 from ._run import (
+    evaluated_step as evaluated_step,
+)
+from ._run import (
     load_model as load_model,
 )
 from ._run import (
