@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import eqicl
+from eqicl._limits import machine_memory
 
 from ._extract import analyse, default_sigmas, per_sigma
 from ._figures import write_figures
@@ -88,6 +89,20 @@ def analyse_run(
         )
     path = pathlib.Path(run_dir)
     model, config, ev = load_finished(path)
+    need = _memory(config, sequences, len(sigmas) if sigmas is not None else 7)
+    if need > (have := machine_memory()):
+        raise eqicl.ConfigError(
+            f"--sequences {sequences:,} needs about {need / 2**30:.3g} GiB of memory, "
+            f"more than this machine's {have / 2**30:.3g} GiB"
+        )
+    out = path / "analysis"
+    try:  # before the work, not after it: a read-only run directory is refused at once
+        out.mkdir(exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise eqicl.RunDirError(f"cannot write in {out}: {e.strerror}") from None
     model = _float64(model)
     sigmas = default_sigmas(config.task) if sigmas is None else [float(s) for s in sigmas]
     batch_key, sigma_key = jr.split(jr.key(seed))
@@ -108,14 +123,24 @@ def analyse_run(
         seed=seed,
         task=config.to_dict()["task"],
     )
-    out = path / "analysis"
-    out.mkdir(exist_ok=True)
     if figures:
         result["figures"] = write_figures(result, out)
     tmp = out / f".extract.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, out / "extract.json")
+    try:
+        tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+        os.replace(tmp, out / "extract.json")
+    except BaseException:  # a full disk: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return result
+
+
+def _memory(config: eqicl.Config, sequences: int, sigmas: int) -> int:
+    """Rough bytes of the largest arrays of the analysis (float64): the batch, every layer's
+    tokens and Theorem 4.1 terms (a few D x D matrices per layer and sequence)."""
+    d, n, layers = config.task.d, config.task.n, config.model.layers
+    per_sequence = (n + 1) * (d + 1) * (layers + 1) + 8 * (d + 1) ** 2 * layers
+    return sequences * per_sequence * 8 * max(2, sigmas // 2)
 
 
 def summary(result: dict) -> str:

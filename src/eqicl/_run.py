@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -69,7 +70,7 @@ class _Corrupt(Exception):
 
 
 class _Diverged(Exception):
-    """Every seed has been given up by the divergence guard."""
+    """Every seed has been given up by the divergence guard (args: reason, selection)."""
 
 
 def _ocp():
@@ -78,7 +79,24 @@ def _ocp():
     logging.getLogger("absl").setLevel(logging.ERROR)
     import orbax.checkpoint as ocp
 
+    if not isinstance(sys.unraisablehook, _QuietClosedLoop):
+        sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
     return ocp
+
+
+class _QuietClosedLoop:
+    """An unraisable-exception hook that drops one kind: reading a damaged checkpoint makes
+    tensorstore call back into orbax's finished asyncio loop, and each callback printed an
+    'Event loop is closed' traceback (a dozen per damaged checkpoint) although the error itself
+    is handled and reported in one line. Everything else goes to the previous hook."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            self.previous(unraisable)
 
 
 def _stderr_warning(message: str) -> None:
@@ -204,7 +222,10 @@ def run_lock(path: pathlib.Path, echo: Callable[[str], None] = print) -> Iterato
 
     The kernel drops an flock when its holder dies, SIGKILL included, so a lock left by a
     dead trainer is simply taken over; the pid in the file names the holder for messages."""
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only mount, a directory of another user
+        raise RunDirError(f"cannot open {path / LOCK}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -297,14 +318,40 @@ def save_checkpoint(manager, state: TrainState) -> None:
     step = int(state.step[0])
     meta = {"step": step, "arrays": _signature(arrays), "sha256": _digest(arrays)}
     _faults.before_save(step)
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+    except Exception as e:  # a full disk, a read-only mount: orbax / tensorstore raise many kinds
+        # The half-written directory is removed now, so that no later run mistakes it for one
+        # whose writer was killed; the checkpoints before it are untouched.
+        directory = pathlib.Path(manager.directory)
+        for tmp in directory.glob(f"{step}{_TMP_MARK}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(
+            f"cannot write checkpoint {step} in {directory}: {os_reason(e)}"
+        ) from None
+
+
+_OS_REASONS = re.compile(
+    r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded"
+)
+
+
+def os_reason(e: BaseException) -> str:
+    """The reason of a failed write in a few words: the OS error's text when there is one
+    (orbax and tensorstore wrap it in pages of detail), else the exception's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if m := _OS_REASONS.search(str(e)):
+        return m[0]
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def _as_dict(leaves: list) -> dict:
@@ -675,7 +722,14 @@ def _rollback(
             back.append(m)
     if np.all(rollbacks > tc.max_rollbacks):
         raise _Diverged(
-            f"every seed diverged (non-finite or exploding loss after {tc.max_rollbacks} rollbacks)"
+            f"every seed diverged (non-finite or exploding loss after {tc.max_rollbacks} rollbacks)",
+            {
+                "losses": None,  # no seed is left to score on held-out sequences
+                "best": None,
+                "lr_scale": [float(v) for v in lr_scale],
+                "rollbacks": [int(v) for v in rollbacks],
+                "given_up": list(range(len(rollbacks))),
+            },
         )
     if not back:
         return _set(state, rollbacks=rollbacks), False
@@ -718,10 +772,44 @@ def _rollback(
 # Training and evaluation
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT / SIGTERM outside the training loop (while checking, restoring, evaluating):
+    nothing to save, nothing half-written; a rerun takes up where this one was."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_outside_training() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Stopped` for the duration (SIGTERM's default would kill the
+    process without a word, in the middle of an evaluation)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def _stop_signals(say: Callable[[str], None]) -> Iterator[list[int]]:
     """SIGINT / SIGTERM set a flag the training loop checks after each jitted call (it then
-    saves a checkpoint and stops); a second signal interrupts at once."""
+    saves a checkpoint and stops); a second signal stops the process at once.
+
+    Python runs signal handlers only between bytecodes, so a handler alone would wait for
+    the jitted call in progress (tens of seconds with large batches). The C-level handler
+    also writes each signal's number to a pipe (`signal.set_wakeup_fd`); a thread reading
+    it ends the process on the second signal even while the main thread is inside XLA.
+    Nothing is lost: checkpoints are atomic, a torn metrics line is cut on resume."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -736,10 +824,28 @@ def _stop_signals(say: Callable[[str], None]) -> Iterator[list[int]]:
             "call, then stopping (send it again to stop at once)"
         )
 
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def watch():
+        count = 0
+        while data := os.read(read_fd, 16):
+            count += len(data)
+            if count >= 2:
+                os.write(2, b"stopped at once; rerun the same command to resume\n")
+                os._exit(128 + data[-1])
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="eqicl-second-signal", daemon=True)
+    watcher.start()
     try:
         yield received
     finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -934,7 +1040,7 @@ def run(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create {path}: {e.strerror}") from None
-    with run_lock(path, echo):
+    with stop_outside_training(), run_lock(path, echo):
         remove_leftovers(path, warn)
         prepare_run_dir(path, config)  # again under the lock: another trainer may have won
         remove_partial_checkpoints(path, warn)
@@ -961,7 +1067,8 @@ def run(
             try:
                 state = _train(config, path, state, progress, echo, warn)
             except _Diverged as e:
-                result = _failed(str(e), steps=config.train.steps)
+                reason, selection = e.args
+                result = _failed(reason, selection=selection, steps=config.train.steps)
                 write_json_atomic(eval_path, result)
                 return result
         if not evaluate:
