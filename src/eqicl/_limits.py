@@ -55,21 +55,26 @@ def memory_estimate(config: Config) -> dict[str, int]:
     }
 
 
+# The share of the machine's memory a run may plan for: the estimate counts the largest
+# arrays only, and XLA's working space, the Python process and the system need the rest.
+USABLE = 0.75
+
+
 def check_resources(config: Config, available: int | None = None) -> None:
-    """ConfigError (one line, with the estimate) if a phase of `config` needs more memory
-    than the machine has."""
+    """ConfigError (one line, with the estimate) if a phase of `config` needs more than
+    `USABLE` of the machine's memory (`machine_memory()` unless `available` is given)."""
     available = machine_memory() if available is None else available
     need = memory_estimate(config)
     phase = max(need, key=need.get)
-    if need[phase] > available:
+    if need[phase] > USABLE * available:
         raise ConfigError(
             f"this config needs about {_size(need[phase])} of memory for its {phase}, "
-            f"more than this machine's {_size(available)}; lower its size "
+            f"more than {USABLE:.0%} of this machine's {_size(available)}; lower its size "
             "(train.batch, train.seeds, task.d, task.n, eval.sequences, ...)"
         )
 
 
-def _size(b: float) -> str:
+def _size(b: float | int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if b < 1024 or unit == "PiB":
             return f"{b:.3g} {unit}"

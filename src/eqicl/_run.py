@@ -158,22 +158,13 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         raise RunDirError(f"{path}: {e}") from None
 
 
-def _both_nan(a, b) -> bool:
-    # Configs refuse NaN, but one read from an older directory may hold it: NaN == NaN here.
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(
-            x == y or _both_nan(x, y) for x, y in zip(a, b, strict=True)
-        )
-    return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
-
-
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb and not _both_nan(va, vb):
+        elif va != vb:
             out.append(f"{prefix}{k}: {va!r} in the directory, {vb!r} asked")
     return out
 
@@ -781,23 +772,29 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_stopped(signum, frame):
-    raise Stopped(signum)
-
-
 @contextlib.contextmanager
 def stop_outside_training() -> Iterator[None]:
     """SIGINT and SIGTERM raise `Stopped` for the duration (SIGTERM's default would kill the
-    process without a word, in the middle of an evaluation)."""
+    process without a word, in the middle of an evaluation). A raise that lands in a
+    callback Python ignores it in (jax's garbage-collection hooks) is raised again at the
+    end, so the signal is never lost."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if received:
+        raise Stopped(received[0])
 
 
 @contextlib.contextmanager
@@ -943,17 +940,19 @@ def _non_finite(tree, where: str = "") -> list[str]:
 def sanity(config: Config, result: dict) -> str | None:
     """Why an evaluated model is not a sane result (None if it is): a non-finite number in
     eval.json, or an adjusted loss above predicting zero or one best-step GD step by more
-    than three standard errors. The selection (a given-up seed's loss may be NaN) is exempt."""
+    than three standard errors (and always at twice the reference). The selection (a given-up seed's loss may be NaN) is exempt."""
     bad = _non_finite({k: v for k, v in result.items() if k != "selection"})
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         return f"eval.json holds non-finite numbers ({bad[0]}{more})"
     oracle = result["oracle_expected_unadjusted"]
     model = result["model"]["adjusted_exact"]
-    margin = 3 * math.hypot(model["se"], oracle["se"])
     names = {"zero": "predicting zero", "gd1": "one gradient-descent step"}
     for name, unadjusted in trivial_losses(config.task).items():
         reference = unadjusted - oracle["mean"]
+        # Three standard errors, but never more than the reference itself: a diverged
+        # model's losses are so heavy-tailed that its own standard error would excuse it.
+        margin = min(3 * math.hypot(model["se"], oracle["se"]), abs(reference))
         if model["mean"] > reference + margin:
             return (
                 f"the model's adjusted loss {model['mean']:.4g} is worse than "
@@ -1000,7 +999,8 @@ def finish(
     best = selection["best"]
     echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
     t0 = time.perf_counter()
-    result = evaluate_model(_member(state.model, best), config, baselines=baselines)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite numbers: see sanity()
+        result = evaluate_model(_member(state.model, best), config, baselines=baselines)
     if not result["model"]["finite"]:
         result = _failed(
             f"seed {best}'s model gives non-finite predictions on the test sequences", **extra

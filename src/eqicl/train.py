@@ -11,12 +11,14 @@ import sys
 
 
 def _repeated(overrides: list[str]) -> str | None:
-    """The first key given twice by --set (the later value would win without a word)."""
+    """A warning for the first key given twice by --set (the later value wins)."""
     seen: dict[str, str] = {}
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if key in seen:
-            return f"--set {key} is given twice ({seen[key]} and {o}); give it once"
+            return (
+                f"warning: --set {key} is given twice ({seen[key]}, then {o}); the last one is used"
+            )
         seen[key] = o
     return None
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override a config field, e.g. --set model.layers=5 (repeatable, once per field)",
+        help="override a config field, e.g. --set model.layers=5 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if message := _repeated(args.overrides):
-            raise ConfigError(message)
+            print(message, file=sys.stderr)
         config = preset(args.preset, args.overrides)
         faults()  # a malformed EQICL_FAULT is bad input too
         if args.print_config:
