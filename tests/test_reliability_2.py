@@ -481,3 +481,19 @@ def test_second_signal_stops_inside_a_long_call(jax_cache, tmp_path):  # noqa: F
     assert time.perf_counter() - t0 < 2
     assert proc.returncode == 130
     assert err.splitlines()[-1] == "stopped at once; rerun the same command to resume"
+
+
+def test_a_sweep_stopped_by_sigterm_exits_143(tmp_path, monkeypatch, capsys):
+    """It exited 130 whatever the signal: eqicl's Interrupted now carries it."""
+    from eqicl import _sweep
+    from eqicl import sweep as sweep_cli
+
+    def stopped(*args, **kwargs):
+        raise _run.Interrupted(signal.SIGTERM, 10)
+
+    monkeypatch.setattr(_sweep, "sweep", stopped)
+    args = ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
+    assert sweep_cli.main([*args, "--no-progress"]) == 143
+    assert capsys.readouterr().err == (
+        "interrupted; rerun the same command to continue the sweep\n"
+    )

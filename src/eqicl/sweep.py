@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # eqicl's Interrupted / Stopped carry the signal
         print("interrupted; rerun the same command to continue the sweep", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     return 0
 
 
