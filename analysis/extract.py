@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or full file system: one line, no traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: cannot write {where}{e.strerror or e}", file=sys.stderr)
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     print(summary(result))
     print(f"wrote {result['run_dir']}/analysis/extract.json")

@@ -293,12 +293,16 @@ def test_a_failed_atomic_write_leaves_nothing(tmp_path, monkeypatch):
     target = tmp_path / "eval.json"
     target.write_text("old\n")
 
-    def full(fd):
+    def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(os, "replace", full)  # after the temporary file is written
+    with pytest.raises(
+        eqicl.RunDirError, match=f"^cannot write {target}: No space left on device$"
+    ):
         _run.write_json_atomic(target, {"status": "ok"})
+    with pytest.raises(eqicl.RunDirError, match="^cannot write .*metrics.jsonl: No space left"):
+        _run._write_lines(tmp_path / "metrics.jsonl", ['{"step": 1}'])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     assert target.read_text() == "old\n"  # nothing lost
 

@@ -113,9 +113,11 @@ def write_json_atomic(path: pathlib.Path, data) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a signal: no temporary file is left behind
+    except BaseException as e:  # a full disk, a signal: no temporary file is left behind
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError):
+            raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -591,9 +593,11 @@ def _write_lines(path: pathlib.Path, lines: list[str]) -> None:
     try:
         tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError):
+            raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
