@@ -501,3 +501,20 @@ def test_a_sweep_stopped_by_sigterm_exits_143(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "interrupted; rerun the same command to continue the sweep\n"
     )
+
+
+def test_sweep_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    """`sweep --list --set train.lrr=1` and `--paper-dir <a file>` were tracebacks."""
+    from eqicl import _sweep
+    from eqicl import sweep as sweep_cli
+
+    args = ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
+    assert sweep_cli.main([*args, "--list", "--set", "train.lrr=1"]) == 2
+    assert _one_line_error(capsys).startswith("error: unknown config key 'train.lrr'")
+
+    def file_in_the_way(*a, **k):  # what mkdir raises on --paper-dir <a file>
+        raise FileExistsError(17, "File exists", str(tmp_path / "paper"))
+
+    monkeypatch.setattr(_sweep, "sweep", file_in_the_way)
+    assert sweep_cli.main([*args, "--no-progress"]) == 2
+    assert _one_line_error(capsys) == f"error: cannot write {tmp_path / 'paper'}: File exists"

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._cli import setup_jax
 
     setup_jax()
+    from ._config import ConfigError
     from ._run import RunDirError
     from ._sweep import (
         POLISH_ITERATIONS,
@@ -233,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             starts_from=starts_from,
             across_noise=args.across_noise,
         )
-    except (SweepError, RunDirError) as e:
+    except (SweepError, RunDirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --paper-dir a file, a full or read-only disk: one line
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # eqicl's Interrupted / Stopped carry the signal
         print("interrupted; rerun the same command to continue the sweep", file=sys.stderr)
