@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import eqicl
+from eqicl._limits import machine_memory
 
 from ._extract import analyse, default_sigmas, per_sigma
 from ._figures import write_figures
@@ -24,8 +25,10 @@ def _float64(tree):
 
 
 def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, eqicl.Config, dict]:
-    """(model, config, eval.json) of a finished run: the seed eval.json selected, from the
-    latest checkpoint. Raises `eqicl.RunDirError` (one-line message) for anything else."""
+    """(model, config, eval.json) of a finished run: exactly the model eval.json describes
+    (its selected seed, from the checkpoint of its step, recorded as ev["checkpoint"]).
+    Raises `eqicl.RunDirError` (one-line message) for anything else, a damaged or missing
+    checkpoint of that step included: an older one is never analysed in its place."""
     path = pathlib.Path(run_dir)
     if not path.is_dir():
         raise eqicl.RunDirError(f"{path} does not exist or is not a directory")
@@ -36,14 +39,22 @@ def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, 
         raise eqicl.RunDirError(f"{path} is unfinished (no eval.json); {hint}")
     try:
         ev = json.loads(ev_path.read_text())
-        best = int(ev["selection"]["best"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}") from None
+    if not isinstance(ev, dict):
+        raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}")
     if ev.get("status") != "ok":
         reason = ev.get("reason", "non-finite predictions")
-        raise eqicl.RunDirError(f"{path} is a failed run ({reason}); there is no model to analyse")
+        what = "a failed" if ev.get("status") == "failed" else f"a {ev.get('status')!s}"
+        raise eqicl.RunDirError(f"{path} is {what} run ({reason}); there is no model to analyse")
     try:
-        model, _ = eqicl.load_model(path, member=best)
+        int(ev["selection"]["best"])
+    except (KeyError, TypeError, ValueError):
+        raise eqicl.RunDirError(f"{ev_path} is not a valid eval.json; {hint}") from None
+    # Exactly the model eval.json describes: its seed at its step, never an older checkpoint.
+    step = eqicl.evaluated_step(ev, config)
+    try:
+        model, _ = eqicl.load_model(path)  # refuses a damaged or missing checkpoint `step`
     except eqicl.RunDirError:
         raise
     except Exception as e:  # orbax raises many kinds for a damaged checkpoint directory
@@ -52,6 +63,7 @@ def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, 
             f"{path}: cannot restore the checkpoint (written by another eqicl version? "
             f"{type(e).__name__}: {first[:200]})"
         ) from None
+    ev = {**ev, "checkpoint": step}
     return model, config, ev
 
 
@@ -77,11 +89,26 @@ def analyse_run(
         )
     path = pathlib.Path(run_dir)
     model, config, ev = load_finished(path)
+    need = _memory(config, sequences, len(sigmas) if sigmas is not None else 7)
+    if need > (have := machine_memory()):
+        raise eqicl.ConfigError(
+            f"--sequences {sequences:,} needs about {need / 2**30:.3g} GiB of memory, "
+            f"more than this machine's {have / 2**30:.3g} GiB"
+        )
+    out = path / "analysis"
+    try:  # before the work, not after it: a read-only run directory is refused at once
+        out.mkdir(exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise eqicl.RunDirError(f"cannot write in {out}: {e.strerror}") from None
     model = _float64(model)
     sigmas = default_sigmas(config.task) if sigmas is None else [float(s) for s in sigmas]
     batch_key, sigma_key = jr.split(jr.key(seed))
     echo(
-        f"analysing {path} (seed {ev['selection']['best']}, {config.model.kind} "
+        f"analysing {path} (seed {ev['selection']['best']} at step {ev['checkpoint']}, "
+        f"{config.model.kind} "
         f"{config.model.layers} layers) on {sequences:,} sequences"
     )
     batch = eqicl.sample_batch(batch_key, config.task, sequences, jnp.float64)
@@ -92,17 +119,28 @@ def analyse_run(
         eqicl=eqicl.__version__,
         run_dir=str(path),
         member=ev["selection"]["best"],
+        checkpoint=ev["checkpoint"],
         seed=seed,
         task=config.to_dict()["task"],
     )
-    out = path / "analysis"
-    out.mkdir(exist_ok=True)
     if figures:
         result["figures"] = write_figures(result, out)
     tmp = out / f".extract.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, out / "extract.json")
+    try:
+        tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+        os.replace(tmp, out / "extract.json")
+    except BaseException:  # a full disk: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return result
+
+
+def _memory(config: eqicl.Config, sequences: int, sigmas: int) -> int:
+    """Rough bytes of the largest arrays of the analysis (float64): the batch, every layer's
+    tokens and Theorem 4.1 terms (a few D x D matrices per layer and sequence)."""
+    d, n, layers = config.task.d, config.task.n, config.model.layers
+    per_sequence = (n + 1) * (d + 1) * (layers + 1) + 8 * (d + 1) ** 2 * layers
+    return sequences * per_sequence * 8 * max(2, sigmas // 2)
 
 
 def summary(result: dict) -> str:

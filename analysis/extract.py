@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sigmas or any(not (0 <= s < math.inf) for s in sigmas):
             parser.error(f"--sigma values must be finite and >= 0, got {' '.join(args.sigma)!r}")
 
+    if not 0 <= args.seed <= 2**31 - 1:
+        print(f"error: --seed must be in [0, 2147483647], got {args.seed:.3g}", file=sys.stderr)
+        return 2
+
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (eqicl.RunDirError, eqicl.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full file system: one line, no traceback
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     print(summary(result))
     print(f"wrote {result['run_dir']}/analysis/extract.json")

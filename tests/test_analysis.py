@@ -221,7 +221,7 @@ def _fake_run(path, fmt=None, eval_json=None):
         ),
         (
             lambda p: _fake_run(p / "nockpt", eval_json={"status": "ok", "selection": {"best": 0}}),
-            "no intact checkpoint",
+            "checkpoint 40, the model eval.json describes, is missing",
         ),
     ],
 )

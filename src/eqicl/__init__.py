@@ -1,9 +1,14 @@
+# ruff: noqa: E402 (the imports follow _early.start(), which must come first)
 """eqicl: linear transformers as versatile in-context learners, in JAX + Equinox.
 
 An exact implementation of Vladymyrov, von Oswald, Sandler, Ge, "Linear Transformers are
 Versatile In-Context Learners" (NeurIPS 2024): the noisy regression task, FULL / DIAG / GD++
 linear transformers, the ridge baselines, the paper's evaluation metric, and training.
 """
+
+from . import _early
+
+_early.start()  # a signal while jax is imported is delivered after the import, never lost
 
 from ._baselines import (
     Spectral as Spectral,
@@ -110,6 +115,9 @@ from ._run import (
     RunDirError as RunDirError,
 )
 from ._run import (
+    evaluated_step as evaluated_step,
+)
+from ._run import (
     load_model as load_model,
 )
 from ._run import (
@@ -171,3 +179,5 @@ from ._train import (
 )
 
 __version__ = "0.1.0"
+
+_early.finish()

@@ -13,6 +13,20 @@ class ConfigError(ValueError):
     """A configuration that cannot be run. The message is one line, meant for the user."""
 
 
+# Integer fields become int32 arrays (the step counter, seeds, shapes under jit): a config
+# beyond that range would train into an overflow or fail after training.
+INT32_MAX = 2**31 - 1
+
+
+def _check_ints(section, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.type is int and isinstance(value, int) and not -INT32_MAX <= value <= INT32_MAX:
+            raise ConfigError(
+                f"{prefix}{f.name} must be at most {INT32_MAX:,} (int32), got {value:.3g}"
+            )
+
+
 NoiseKind = Literal["uniform", "categorical", "fixed"]
 ModelKind = Literal["full", "diag", "gdpp"]
 
@@ -34,6 +48,7 @@ class TaskConfig:
     sigma: float = 1.0
 
     def __post_init__(self):
+        _check_ints(self, "task.")
         if self.d < 1:
             raise ConfigError(f"task.d must be >= 1, got {self.d}")
         if self.n < 1:
@@ -42,14 +57,15 @@ class TaskConfig:
             raise ConfigError(
                 f"task.noise must be one of {typing.get_args(NoiseKind)}, got {self.noise!r}"
             )
-        if self.noise == "uniform" and not (0 <= self.sigma_max < math.inf):
+        # Every noise field is checked, also those the kind ignores: a run directory must be
+        # reopenable, so no field may hold a value that never equals itself (NaN).
+        if not (0 <= self.sigma_max < math.inf):
             raise ConfigError(f"task.sigma_max must be finite and >= 0, got {self.sigma_max}")
-        if self.noise == "categorical":
-            if len(self.sigma_set) == 0:
-                raise ConfigError("task.sigma_set must hold at least one noise level")
-            if any(not (0 <= s < math.inf) for s in self.sigma_set):
-                raise ConfigError(f"task.sigma_set must be finite and >= 0, got {self.sigma_set}")
-        if self.noise == "fixed" and not (0 <= self.sigma < math.inf):
+        if self.noise == "categorical" and len(self.sigma_set) == 0:
+            raise ConfigError("task.sigma_set must hold at least one noise level")
+        if any(not (0 <= s < math.inf) for s in self.sigma_set):
+            raise ConfigError(f"task.sigma_set must be finite and >= 0, got {self.sigma_set}")
+        if not (0 <= self.sigma < math.inf):
             raise ConfigError(f"task.sigma must be finite and >= 0, got {self.sigma}")
 
     @property
@@ -112,6 +128,7 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self):
+        _check_ints(self, "model.")
         if self.kind not in typing.get_args(ModelKind):
             raise ConfigError(
                 f"model.kind must be one of {typing.get_args(ModelKind)}, got {self.kind!r}"
@@ -193,6 +210,7 @@ class TrainConfig:
     max_rollbacks: int = 5
 
     def __post_init__(self):
+        _check_ints(self, "train.")
         for name in ("steps", "batch", "seeds", "steps_per_call", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -292,9 +310,18 @@ class EvalConfig:
     proposal_shares: tuple[float, ...] = (0.5, 0.25, 0.25)
 
     def __post_init__(self):
+        _check_ints(self, "eval.")
         for name in ("sequences", "tune_sequences", "chunk", "profile_points", "profile_sequences"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sequences", "profile_sequences"):
+            if getattr(self, name) < 2:
+                raise ConfigError(
+                    f"eval.{name} must be >= 2 (a standard error needs two), "
+                    f"got {getattr(self, name)}"
+                )
+        if not (0 <= self.seed <= INT32_MAX):
+            raise ConfigError(f"eval.seed must be in [0, {INT32_MAX}], got {self.seed:.3g}")
         if not (0 < self.profile_factor < math.inf):
             raise ConfigError(f"eval.profile_factor must be positive, got {self.profile_factor}")
         if self.tail_sequences < 2:
@@ -324,6 +351,10 @@ class Config:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.seed, int) and 0 <= self.seed <= INT32_MAX):
+            raise ConfigError(f"seed must be an integer in [0, {INT32_MAX}], got {self.seed:.3g}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import pathlib
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -37,6 +39,8 @@ from . import _faults
 from ._config import Config, ConfigError, TrainConfig
 from ._evaluate import _member, cast, eval_dtype, select_losses
 from ._evaluate import evaluate as evaluate_model
+from ._limits import check_resources
+from ._parallel import num_devices
 from ._train import TrainState, append_jsonl, init_ensemble, train_loop
 
 # 2: checkpoints hold the state and a checksummed metadata item, and the divergence guard's
@@ -66,7 +70,7 @@ class _Corrupt(Exception):
 
 
 class _Diverged(Exception):
-    """Every seed has been given up by the divergence guard."""
+    """Every seed has been given up by the divergence guard (args: reason, selection)."""
 
 
 def _ocp():
@@ -75,7 +79,24 @@ def _ocp():
     logging.getLogger("absl").setLevel(logging.ERROR)
     import orbax.checkpoint as ocp
 
+    if not isinstance(sys.unraisablehook, _QuietClosedLoop):
+        sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
     return ocp
+
+
+class _QuietClosedLoop:
+    """An unraisable-exception hook that drops one kind: reading a damaged checkpoint makes
+    tensorstore call back into orbax's finished asyncio loop, and each callback printed an
+    'Event loop is closed' traceback (a dozen per damaged checkpoint) although the error itself
+    is handled and reported in one line. Everything else goes to the previous hook."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            self.previous(unraisable)
 
 
 def _stderr_warning(message: str) -> None:
@@ -85,12 +106,32 @@ def _stderr_warning(message: str) -> None:
 def write_json_atomic(path: pathlib.Path, data) -> None:
     """Write JSON so that readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a signal: no temporary file is left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+# Temporary files of an interrupted write (`write_json_atomic`, `_write_lines`): a killed
+# writer leaves them; the next holder of the lock removes them.
+_LEFTOVER = re.compile(r"\.(config|eval)\.json\.tmp\d+|metrics\.jsonl\.tmp")
+
+
+def remove_leftovers(path: pathlib.Path, warn: Callable[[str], None]) -> None:
+    """Delete what interrupted writes left in `path` (call it holding the lock)."""
+    for p in sorted(path.iterdir()):
+        if _LEFTOVER.fullmatch(p.name) and p.is_file():
+            p.unlink()
+            warn(f"removed {p}, left by an interrupted write")
 
 
 def read_run_config(run_dir: str | os.PathLike) -> Config:
@@ -146,7 +187,9 @@ def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
                 "choose another --run-dir or delete that directory"
             )
         _check_checkpoint_shapes(path, config)
-    elif path.exists() and any(p.name != LOCK for p in path.iterdir()):
+    elif path.exists() and any(
+        p.name != LOCK and not _LEFTOVER.fullmatch(p.name) for p in path.iterdir()
+    ):
         raise RunDirError(
             f"{path} is not empty and is not an eqicl run directory; refusing to write there"
         )
@@ -172,7 +215,10 @@ def run_lock(path: pathlib.Path, echo: Callable[[str], None] = print) -> Iterato
 
     The kernel drops an flock when its holder dies, SIGKILL included, so a lock left by a
     dead trainer is simply taken over; the pid in the file names the holder for messages."""
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only mount, a directory of another user
+        raise RunDirError(f"cannot open {path / LOCK}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -265,14 +311,40 @@ def save_checkpoint(manager, state: TrainState) -> None:
     step = int(state.step[0])
     meta = {"step": step, "arrays": _signature(arrays), "sha256": _digest(arrays)}
     _faults.before_save(step)
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+    except Exception as e:  # a full disk, a read-only mount: orbax / tensorstore raise many kinds
+        # The half-written directory is removed now, so that no later run mistakes it for one
+        # whose writer was killed; the checkpoints before it are untouched.
+        directory = pathlib.Path(manager.directory)
+        for tmp in directory.glob(f"{step}{_TMP_MARK}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(
+            f"cannot write checkpoint {step} in {directory}: {os_reason(e)}"
+        ) from None
+
+
+_OS_REASONS = re.compile(
+    r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded"
+)
+
+
+def os_reason(e: BaseException) -> str:
+    """The reason of a failed write in a few words: the OS error's text when there is one
+    (orbax and tensorstore wrap it in pages of detail), else the exception's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if m := _OS_REASONS.search(str(e)):
+        return m[0]
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def _as_dict(leaves: list) -> dict:
@@ -428,22 +500,60 @@ def _prune(manager, train: TrainConfig) -> None:
             manager.delete(s)
 
 
-def load_model(run_dir: str | os.PathLike, member: int | None = None):
-    """The trained model of a run: the selected best member (from eval.json) unless `member`
-    is given. Returns (model, config). Writes nothing."""
+def evaluated_step(eval_result: dict, config: Config) -> int:
+    """The step of the model an eval.json describes (eval.json files written before
+    "checkpoint" was recorded evaluated the final state, at train.steps)."""
+    step = eval_result.get("checkpoint", config.train.steps)
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise RunDirError(f"eval.json: 'checkpoint' is not a step number ({step!r})")
+    return step
+
+
+def restore_exact(run_dir: pathlib.Path, config: Config, step: int, why: str) -> TrainState:
+    """Checkpoint `step` and no other: RunDirError (one line, naming `why` it is needed)
+    when it is missing or damaged, never a fall-back to an older one. Writes nothing."""
+    hint = (
+        "rerun the same `python -m eqicl.train` command to rebuild it "
+        "(training resumes from the newest intact checkpoint)"
+    )
+    if step not in _checkpoint_steps(run_dir):
+        raise RunDirError(f"{run_dir}: checkpoint {step}, {why}, is missing; {hint}")
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        return _restore_step(manager, step, config, f"checkpoint {step} of {run_dir}")
+    except _Corrupt as e:
+        raise RunDirError(
+            f"{run_dir}: checkpoint {step}, {why}, is damaged ({e}); {hint}"
+        ) from None
+    finally:
+        manager.close()
+
+
+def load_model(run_dir: str | os.PathLike, member: int | None = None, step: int | None = None):
+    """The trained model of a run. With an eval.json and no `member`: exactly the model it
+    describes (its selected seed at its step; RunDirError if that checkpoint is damaged or
+    missing). Otherwise seed `member` (default 0) from checkpoint `step` (default: the newest
+    intact one). Returns (model, config). Writes nothing."""
     path = pathlib.Path(run_dir)
     config = read_run_config(path)
+    why = "the one asked for"
     if member is None:
         member = 0
         ev = path / "eval.json"
         if ev.is_file():
             try:
-                member = json.loads(ev.read_text())["selection"]["best"]
+                result = json.loads(ev.read_text())
+                member = result["selection"]["best"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise RunDirError(f"{ev} is damaged (no selection.best); pass member=") from None
+            if step is None:
+                step, why = evaluated_step(result, config), "the model eval.json describes"
     if not (isinstance(member, int) and 0 <= member < config.train.seeds):
         raise RunDirError(f"member must be an integer in [0, {config.train.seeds}), got {member!r}")
-    state = restore_checkpoint(path, config)
+    if step is not None:
+        state = restore_exact(path, config, step, why)
+    else:
+        state = restore_checkpoint(path, config)
     if state is None:
         raise RunDirError(f"{path} has no intact checkpoint")
     return _member(state.model, member), config
@@ -453,32 +563,51 @@ def load_model(run_dir: str | os.PathLike, member: int | None = None):
 # metrics.jsonl
 
 
-def _read_lines(path: pathlib.Path) -> list[tuple[str, dict]]:
-    """(line, record) pairs up to the first torn or foreign line (a crash mid-write)."""
+def _read_lines(
+    path: pathlib.Path, warn: Callable[[str], None] | None = None
+) -> list[tuple[str, dict]]:
+    """(line, record) pairs up to the first torn or foreign line (a crash mid-write, or bytes
+    that are not UTF-8 JSON); `warn` hears how many lines from there on are left out."""
     out = []
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
+    lines = path.read_bytes().splitlines()
+    for raw in lines:
         try:
+            line = raw.decode()
             record = json.loads(line)
             int(record["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             break
         out.append((line, record))
+    if warn is not None and len(out) < len(lines):
+        warn(
+            f"{path}: line {len(out) + 1} is torn or not a metrics record; it and the "
+            f"{len(lines) - len(out) - 1} lines after it are dropped"
+        )
     return out
 
 
 def _write_lines(path: pathlib.Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
-def _truncate_metrics_for_resume(path: pathlib.Path, step: int) -> None:
+def _truncate_metrics_for_resume(
+    path: pathlib.Path, step: int, warn: Callable[[str], None] | None = None
+) -> None:
     """Cut metrics.jsonl back to where it was when checkpoint `step` was saved: right after
     the (last) call line of that step. Rollback events logged after the save are dropped:
     the restored state predates them and the resumed run logs them again."""
-    records = _read_lines(path)
+    records = _read_lines(path, warn)
     calls = [i for i, (_, r) in enumerate(records) if r["step"] == step and "event" not in r]
     end = calls[-1] + 1 if calls else sum(1 for _, r in records if r["step"] <= step)
     _write_lines(path, [line for line, _ in records[:end]])
@@ -506,8 +635,22 @@ def _set(state: TrainState, **fields: np.ndarray) -> TrainState:
     return state
 
 
-def _guard_reasons(state: TrainState, metrics: dict, train: TrainConfig) -> dict[int, str]:
-    """Members (not given up) whose last call calls for a rollback, with the reason."""
+def zero_train_loss(config: Config) -> float:
+    """An upper bound on the training loss of predicting zero: ½d for the sampled objective,
+    and ½E‖μ‖² <= ½E‖w‖² = ½d for the exact one, through the loss cap (concave, so the bound
+    holds for the mean of capped losses by Jensen)."""
+    loss, c = 0.5 * config.task.d, config.train.loss_clip
+    if c > 0:
+        loss = c * math.log1p(loss / c) if config.train.loss_cap == "soft" else min(loss, c)
+    return loss
+
+
+def _guard_reasons(
+    state: TrainState, metrics: dict, train: TrainConfig, zero_loss: float = math.inf
+) -> dict[int, str]:
+    """Members (not given up) whose last call calls for a rollback, with the reason. Besides
+    the running median, a call's loss is compared with `zero_loss` (`zero_train_loss`): a
+    run bad from its first call has no history to compare with."""
     skipped = np.asarray(state.skipped)
     rollbacks = np.asarray(state.rollbacks)
     recent = np.asarray(state.recent, np.float64)
@@ -525,6 +668,16 @@ def _guard_reasons(state: TrainState, metrics: dict, train: TrainConfig) -> dict
                 reasons[m] = (
                     f"loss {loss:.4g} is {loss / median:.3g} x its running median {median:.4g}"
                 )
+                continue
+        if (
+            train.explode_factor
+            and math.isfinite(loss)
+            and loss > max(train.explode_factor * zero_loss, train.explode_floor)
+        ):
+            reasons[m] = (
+                f"loss {loss:.4g} is {loss / zero_loss:.3g} x that of predicting zero "
+                f"({zero_loss:.4g})"
+            )
     return reasons
 
 
@@ -564,7 +717,14 @@ def _rollback(
             back.append(m)
     if np.all(rollbacks > tc.max_rollbacks):
         raise _Diverged(
-            f"every seed diverged (non-finite or exploding loss after {tc.max_rollbacks} rollbacks)"
+            f"every seed diverged (non-finite or exploding loss after {tc.max_rollbacks} rollbacks)",
+            {
+                "losses": None,  # no seed is left to score on held-out sequences
+                "best": None,
+                "lr_scale": [float(v) for v in lr_scale],
+                "rollbacks": [int(v) for v in rollbacks],
+                "given_up": list(range(len(rollbacks))),
+            },
         )
     if not back:
         return _set(state, rollbacks=rollbacks), False
@@ -607,10 +767,50 @@ def _rollback(
 # Training and evaluation
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT / SIGTERM outside the training loop (while checking, restoring, evaluating):
+    nothing to save, nothing half-written; a rerun takes up where this one was."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_outside_training() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Stopped` for the duration (SIGTERM's default would kill the
+    process without a word, in the middle of an evaluation). A raise that lands in a
+    callback Python ignores it in (jax's garbage-collection hooks) is raised again at the
+    end, so the signal is never lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        raise Stopped(received[0])
+
+
 @contextlib.contextmanager
 def _stop_signals(say: Callable[[str], None]) -> Iterator[list[int]]:
     """SIGINT / SIGTERM set a flag the training loop checks after each jitted call (it then
-    saves a checkpoint and stops); a second signal interrupts at once."""
+    saves a checkpoint and stops); a second signal stops the process at once.
+
+    Python runs signal handlers only between bytecodes, so a handler alone would wait for
+    the jitted call in progress (tens of seconds with large batches). The C-level handler
+    also writes each signal's number to a pipe (`signal.set_wakeup_fd`); a thread reading
+    it ends the process on the second signal even while the main thread is inside XLA.
+    Nothing is lost: checkpoints are atomic, a torn metrics line is cut on resume."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
@@ -625,10 +825,28 @@ def _stop_signals(say: Callable[[str], None]) -> Iterator[list[int]]:
             "call, then stopping (send it again to stop at once)"
         )
 
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def watch():
+        count = 0
+        while data := os.read(read_fd, 16):
+            count += len(data)
+            if count >= 2:
+                os.write(2, b"stopped at once; rerun the same command to resume\n")
+                os._exit(128 + data[-1])
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="eqicl-second-signal", daemon=True)
+    watcher.start()
     try:
         yield received
     finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -667,7 +885,7 @@ def _train(
                 metrics["lr_scale"] = [float(v) for v in np.asarray(state.lr_scale)]
                 append_jsonl(metrics_path, metrics)
                 _faults.after_call(step)
-                reasons = _guard_reasons(state, metrics, tc)
+                reasons = _guard_reasons(state, metrics, tc, zero_train_loss(config))
                 if reasons:
                     state, rolled_back = _rollback(
                         config, path, manager, state, reasons, metrics["loss"], say, warn
@@ -703,6 +921,50 @@ def _failed(reason: str, **extra) -> dict:
     return {"status": "failed", "reason": reason, **extra}
 
 
+def trivial_losses(task) -> dict[str, float]:
+    """Expected unadjusted loss ½E(ŷ − y_t)² of two predictors every trained model must beat,
+    in closed form (SPEC §1: w, x ~ N(0, I_d), noiseless query): predicting zero, ½d, and one
+    gradient-descent step from 0 with its best step size, ŵ = η Xᵀy with
+    η = 1/(n + d + 1 + E σ²), ½(d − n d / (n + d + 1 + E σ²)) (E tr (XᵀX)² = n d (n + d + 1))."""
+    d, n, s2 = task.d, task.n, task.mean_sigma2
+    return {"zero": 0.5 * d, "gd1": 0.5 * (d - n * d / (n + d + 1 + s2))}
+
+
+def _non_finite(tree, where: str = "") -> list[str]:
+    """Paths of the non-finite numbers in a JSON-like tree."""
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _non_finite(v, f"{where}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [p for i, v in enumerate(tree) for p in _non_finite(v, f"{where[:-1]}[{i}].")]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [f"{where[:-1]} = {tree}"]
+    return []
+
+
+def sanity(config: Config, result: dict) -> str | None:
+    """Why an evaluated model is not a sane result (None if it is): a non-finite number in
+    eval.json, or an adjusted loss above predicting zero or one best-step GD step by more
+    than three standard errors (and always at twice the reference). The selection (a given-up seed's loss may be NaN) is exempt."""
+    bad = _non_finite({k: v for k, v in result.items() if k != "selection"})
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return f"eval.json holds non-finite numbers ({bad[0]}{more})"
+    oracle = result["oracle_expected_unadjusted"]
+    model = result["model"]["adjusted_exact"]
+    names = {"zero": "predicting zero", "gd1": "one gradient-descent step"}
+    for name, unadjusted in trivial_losses(config.task).items():
+        reference = unadjusted - oracle["mean"]
+        # Three standard errors, but never more than the reference itself: a diverged
+        # model's losses are so heavy-tailed that its own standard error would excuse it.
+        margin = min(3 * math.hypot(model["se"], oracle["se"]), abs(reference))
+        if model["mean"] > reference + margin:
+            return (
+                f"the model's adjusted loss {model['mean']:.4g} is worse than "
+                f"{names[name]} ({reference:.4g})"
+            )
+    return None
+
+
 def finish(
     config: Config,
     path: pathlib.Path,
@@ -711,8 +973,9 @@ def finish(
     baselines: bool = True,
 ) -> dict:
     """Select the best seed on held-out sequences, evaluate it (with the baselines unless
-    `baselines=False`), write eval.json. A model with non-finite predictions is reported as
-    failed, never scored."""
+    `baselines=False`), write eval.json with the step of the model (the checkpoint analysis
+    reads). A model with non-finite predictions is reported as failed, never scored; one
+    whose numbers are not sane (`sanity`) as suspect, with its numbers and the reason."""
     tc = config.train
     eval_path = path / "eval.json"
     # select_losses samples in the evaluation dtype; the model must match it (strict promotion).
@@ -730,6 +993,7 @@ def finish(
         "selection": selection,
         "train_seconds": _train_seconds(path / "metrics.jsonl"),
         "steps": tc.steps,
+        "checkpoint": int(state.step[0]),
     }
     if not usable.any():
         reason = "every seed's model gives non-finite predictions or was given up"
@@ -739,13 +1003,17 @@ def finish(
     best = selection["best"]
     echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
     t0 = time.perf_counter()
-    result = evaluate_model(_member(state.model, best), config, baselines=baselines)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite numbers: see sanity()
+        result = evaluate_model(_member(state.model, best), config, baselines=baselines)
     if not result["model"]["finite"]:
         result = _failed(
             f"seed {best}'s model gives non-finite predictions on the test sequences", **extra
         )
     else:
         result.update(status="ok", eval_seconds=time.perf_counter() - t0, **extra)
+        reason = sanity(config, result)
+        if reason is not None:
+            result.update(status="suspect", reason=reason)
     write_json_atomic(eval_path, result)
     return result
 
@@ -766,14 +1034,18 @@ def run(
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
     SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
-    if config.model.init_from:  # a bad warm start is refused before anything is written
+    # Everything that can refuse the config does so before anything is written.
+    check_resources(config)
+    num_devices(config.train)
+    if config.model.init_from:
         eqx.filter_eval_shape(init_ensemble, config)
     path = check_run_dir(run_dir, config)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create {path}: {e.strerror}") from None
-    with run_lock(path, echo):
+    with stop_outside_training(), run_lock(path, echo):
+        remove_leftovers(path, warn)
         prepare_run_dir(path, config)  # again under the lock: another trainer may have won
         remove_partial_checkpoints(path, warn)
         metrics_path = path / "metrics.jsonl"
@@ -784,7 +1056,7 @@ def run(
             metrics_path.unlink(missing_ok=True)
         else:
             start = int(state.step[0])
-            _truncate_metrics_for_resume(metrics_path, start)
+            _truncate_metrics_for_resume(metrics_path, start, warn)
             echo(f"resuming {path} from step {start}")
         eval_path = path / "eval.json"
         if start >= config.train.steps and eval_path.is_file():
@@ -799,7 +1071,8 @@ def run(
             try:
                 state = _train(config, path, state, progress, echo, warn)
             except _Diverged as e:
-                result = _failed(str(e), steps=config.train.steps)
+                reason, selection = e.args
+                result = _failed(reason, selection=selection, steps=config.train.steps)
                 write_json_atomic(eval_path, result)
                 return result
         if not evaluate:
@@ -811,6 +1084,8 @@ def summary_table(config: Config, result: dict) -> str:
     """A short table: this model, the baselines, the paper's values."""
     if result.get("status") == "failed":
         return f"FAILED: {result.get('reason', 'non-finite predictions')}"
+    if result.get("status") == "suspect":
+        return f"SUSPECT: {result['reason']}\n{summary_table(config, {**result, 'status': 'ok'})}"
     paper = result.get("paper", {})
     m = config.model
     name = f"{m.kind.upper() if m.kind != 'gdpp' else 'GD++'} L={m.layers}"

@@ -106,9 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, RunDirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as e:  # --paper-dir a file, a full or read-only disk: one line
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # eqicl's Interrupted / Stopped carry the signal
         print("interrupted; rerun the same command to continue the sweep", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     return 0
 
 

@@ -6,10 +6,31 @@ baselines, writes eval.json and prints a short table.
 """
 
 import argparse
+import signal
 import sys
 
 
+def _repeated(overrides: list[str]) -> str | None:
+    """A warning for the first key given twice by --set (the later value wins)."""
+    seen: dict[str, str] = {}
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key in seen:
+            return (
+                f"warning: --set {key} is given twice ({seen[key]}, then {o}); the last one is used"
+            )
+        seen[key] = o
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Importing jax takes seconds; a signal then must not be lost (nor swallowed by an
+    # import): it is noted, and acted on once the imports are done.
+    early: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: early.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
     parser = argparse.ArgumentParser(
         prog="python -m eqicl.train",
         description="Train a linear transformer on in-context noisy linear regression, "
@@ -31,19 +52,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
 
-    from ._cli import setup_jax
+        from ._cli import setup_jax
 
-    setup_jax()
-    from ._config import ConfigError, preset
-    from ._faults import faults
-    from ._parallel import initialize_distributed
+        setup_jax()
+        from ._config import ConfigError, preset
+        from ._faults import faults
+        from ._parallel import initialize_distributed
 
-    initialize_distributed()  # multi-host: only when a multi-process launch is detected
-    from ._run import Interrupted, RunDirError, run, summary_table
+        initialize_distributed()  # multi-host: only when a multi-process launch is detected
+        from ._run import Interrupted, RunDirError, Stopped, run, summary_table
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if early:
+        name = signal.Signals(early[0]).name
+        print(f"{name} received while starting; nothing was written", file=sys.stderr)
+        return 128 + early[0]
 
     try:
+        if message := _repeated(args.overrides):
+            print(message, file=sys.stderr)
         config = preset(args.preset, args.overrides)
         faults()  # a malformed EQICL_FAULT is bad input too
         if args.print_config:
@@ -53,9 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only mount, a permission: one line, no traceback
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except Interrupted as e:
         print(
             f"stopped at step {e.step} after saving a checkpoint; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
+    except Stopped as e:
+        print(
+            f"{signal.Signals(e.signum).name} received; stopped with nothing half-written: "
+            "rerun the same command to go on",
             file=sys.stderr,
         )
         return 128 + e.signum
