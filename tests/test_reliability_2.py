@@ -495,7 +495,7 @@ def test_a_sweep_stopped_by_sigterm_exits_143(tmp_path, monkeypatch, capsys):
     def stopped(*args, **kwargs):
         raise _run.Interrupted(signal.SIGTERM, 10)
 
-    monkeypatch.setattr(_sweep, "sweep", stopped)
+    monkeypatch.setattr(_sweep, "run_recipe", stopped)
     args = ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
     assert sweep_cli.main([*args, "--no-progress"]) == 143
     assert capsys.readouterr().err == (
@@ -515,6 +515,6 @@ def test_sweep_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
     def file_in_the_way(*a, **k):  # what mkdir raises on --paper-dir <a file>
         raise FileExistsError(17, "File exists", str(tmp_path / "paper"))
 
-    monkeypatch.setattr(_sweep, "sweep", file_in_the_way)
+    monkeypatch.setattr(_sweep, "run_recipe", file_in_the_way)
     assert sweep_cli.main([*args, "--no-progress"]) == 2
     assert _one_line_error(capsys) == f"error: cannot write {tmp_path / 'paper'}: File exists"
