@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import eqicl
-from analysis import _probes as P
-from analysis import probes as probes_cli
+from analysis import _probes as P, probes as probes_cli
 
 F64 = jnp.float64
 D, N = 10, 20

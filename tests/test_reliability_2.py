@@ -489,8 +489,7 @@ def test_second_signal_stops_inside_a_long_call(jax_cache, tmp_path):  # noqa: F
 
 def test_a_sweep_stopped_by_sigterm_exits_143(tmp_path, monkeypatch, capsys):
     """It exited 130 whatever the signal: eqicl's Interrupted now carries it."""
-    from eqicl import _sweep
-    from eqicl import sweep as sweep_cli
+    from eqicl import _sweep, sweep as sweep_cli
 
     def stopped(*args, **kwargs):
         raise _run.Interrupted(signal.SIGTERM, 10)
@@ -505,8 +504,7 @@ def test_a_sweep_stopped_by_sigterm_exits_143(tmp_path, monkeypatch, capsys):
 
 def test_sweep_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
     """`sweep --list --set train.lrr=1` and `--paper-dir <a file>` were tracebacks."""
-    from eqicl import _sweep
-    from eqicl import sweep as sweep_cli
+    from eqicl import _sweep, sweep as sweep_cli
 
     args = ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
     assert sweep_cli.main([*args, "--list", "--set", "train.lrr=1"]) == 2

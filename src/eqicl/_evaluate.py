@@ -34,8 +34,7 @@ from ._fast import (
 from ._model import LinearTransformer
 from ._paper import paper_baselines, paper_value
 from ._tail import DEFAULT, Proposal, summarize
-from ._task import prng_key
-from ._task import sample_batch_jit as sample_batch
+from ._task import prng_key, sample_batch_jit as sample_batch
 
 
 def eval_dtype():

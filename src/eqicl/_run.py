@@ -37,8 +37,7 @@ import numpy as np
 
 from . import _faults
 from ._config import Config, ConfigError, TrainConfig
-from ._evaluate import _member, cast, eval_dtype, select_losses
-from ._evaluate import evaluate as evaluate_model
+from ._evaluate import _member, cast, eval_dtype, evaluate as evaluate_model, select_losses
 from ._limits import check_resources
 from ._parallel import num_devices
 from ._train import TrainState, append_jsonl, init_ensemble, train_loop
