@@ -24,6 +24,8 @@ import os
 import pathlib
 import sys
 
+from analysis.table import bar
+
 FIELDS = (
     "method",
     "layers",
@@ -44,11 +46,6 @@ FIELDS = (
     "carried",
     "holds",
 )
-
-
-def bar(paper: float) -> float:
-    """The largest value that matches the paper (issue 4's target)."""
-    return paper + max(0.1 * paper, 0.002)
 
 
 def judge(est: dict, paper: float) -> dict[str, bool]:
@@ -128,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     table = eqicl.paper_table()
     root = prng_key(args.seed)
-    columns = sorted({c.column for c in have}, key=lambda c: [c.column for c in have].index(c))
+    columns = list(dict.fromkeys(c.column for c in have))  # in the cells' order
     bar_ = tqdm(
         total=2 * args.sequences * len(columns),
         unit="seq",

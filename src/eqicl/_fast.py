@@ -312,15 +312,14 @@ def _draw_stats(key, task, batch, dtype, sampler, proposal):
     kz, ks = jr.split(key)
     z, normals = _kernel.sample_wishart(kz, n, d + 1, batch, 2 * d, dtype)
     w, xq = normals[:d], normals[d:]
-    if proposal is not None:
-        # x_i = c z_i scales Z_xx by c² and z_xy by c; w = b z_w.
-        c, b = scales
-        z = z.at[:d, :d].multiply(c**2).at[:d, d].multiply(c).at[d, :d].multiply(c)
-        w = w * b[None]
     sigma = sample_sigma(ks, task, batch, dtype)
     # S⁰ = G Z Gᵀ, G = [[I, 0], [wᵀ, σ]]: Σ = Z_xx, α = Z_xx w + σ z_xy,
     # λ = wᵀ Z_xx w + 2σ wᵀ z_xy + σ² z_yy (sums unrolled: batch-last multiply-adds).
     zxx, zxy, zyy = z[:d, :d], z[:d, d], z[d, d]
+    if proposal is not None:
+        # x_i = c z_i scales Z_xx by c² and z_xy by c; w = b z_w.
+        c, b = scales
+        zxx, zxy, w = zxx * (c**2)[None, None], zxy * c[None], w * b[None]
     zw = zxx[:, 0] * w[0][None]
     for j in range(1, d):
         zw = zw + zxx[:, j] * w[j][None]

@@ -652,7 +652,7 @@ def _train_stage(
     progress: bool,
 ) -> list[dict]:
     """Train, evaluate and record this stage's candidate of every cell not yet recorded in
-    it (all of them with `force`), each from the GD start or (`stage.warm`) from its best
+    it (all of them with `force`; `run_recipe` has checked their run directories), each from the GD start or (`stage.warm`) from its best
     start (`warm_start`). A warm cell whose starts are not all recorded yet waits (one line
     each): it would start elsewhere than in a run from scratch. Cells run noise setting by
     noise setting, shallow before deep and GD++ before DIAG before FULL, so that every start
@@ -664,7 +664,6 @@ def _train_stage(
     also = [stage_dir(paper_dir, recipe.stage(name)) for name in stage.starts_from]
     done = read_table(store / "table1.csv")
     todo = [c for c in cells if force or c not in done]
-    _check_run_dirs(root, todo, steps, seeds, extra)
     echo(f"{stage.name}: {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
     weights = {c: c.layers + 2 for c in todo}  # deeper cells cost more; for the estimate
     bar = _Progress(sum(weights.values()), stage.name, "work", progress, echo)
