@@ -478,8 +478,13 @@ def test_recipes_are_checked():
         Recipe((Train("a"), Train("a")))
     with pytest.raises(SweepError, match="--max-layers"):
         Recipe((Train("a", max_layers="four"),))
+    with pytest.raises(SweepError, match="bad settings"):
+        Recipe((Train("a", settings={"lrr": 1.0}),))
+    with pytest.raises(SweepError, match="bad settings"):
+        Recipe((Train("a", settings={"dtype": "float16"}),))
     # the recipe's coverage: cold has 1-4 layers and FULL at every depth, polish at most 3
-    cold, warm, polish = eqicl._sweep.RECIPE.stages
+    cold, warm, tail, polish = eqicl._sweep.RECIPE.stages
+    assert tail.unsound_only and tail.settings["dtype"] == "float64"
     cells = parse_cells("all", "all", "3")
     assert sum(eqicl._sweep.RECIPE.covers(cold, c) for c in cells) == 4 * 3 + 3
     assert all(eqicl._sweep.RECIPE.covers(warm, c) for c in cells)
@@ -561,3 +566,112 @@ def test_the_table_is_each_cells_best_candidate_by_validation_loss(tmp_path, cap
     _fake_candidate(stage_dir(paper, recipe.stage("cold")), cells[0], 0.1, 0.9, "cold", {})
     with pytest.raises(SweepError, match="estimated differently"):
         assemble(paper, recipe)
+
+
+def _recorded_candidate(paper, stage, cell, source, extra):
+    """`source` (a weights file) recorded as `stage`'s candidate of `cell`, as a stage would."""
+    import shutil
+
+    from eqicl._sweep import _write_csv, _write_json
+
+    d = stage_dir(paper, stage)
+    weights_path(d, cell).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, weights_path(d, cell))
+    config = cell_config(cell, None, 1, extra)
+    _write_json(
+        d / "cells" / f"{cell.name}.json",
+        {"config": config.to_dict(), "selection": {"losses": [0.1], "best": 0}},
+    )
+    rows = read_table(d / "table1.csv")
+    row = dict.fromkeys(eqicl._sweep.TABLE_FIELDS, "1")
+    rows[cell] = {**row, "method": cell.row, "layers": cell.layers, "noise": cell.column}
+    _write_csv(d / "table1.csv", eqicl._sweep.TABLE_FIELDS, rows.values())
+
+
+def test_the_tail_stage_trains_only_cells_unsound_on_validation(tmp_path):
+    """A stage with `unsound_only` trains a cell only if its best earlier candidate explodes
+    on some validation sequence (the committed DIAG 3 layers at sigma_max = 6 does: a loss
+    above 1e6 on the 10,000 tail-aware validation sequences); a sound one (GD++ of the same
+    cell) is recorded as skipped with why, and the table keeps the earlier candidate. The
+    trained cell uses the stage's settings (importance-weighted batches, float64)."""
+    from eqicl._run import read_run_config
+
+    paper, extra = tmp_path / "paper", [*SMALL, "train.select_sequences=10000"]
+    tail = Train("tail", settings=eqicl._sweep.TAIL_SETTINGS, unsound_only=True)
+    recipe = Recipe((Train("cold", max_layers="3"), tail))
+    cells = [Cell("gdpp", 3, "6"), Cell("diag", 3, "6")]
+    for cell in cells:
+        source = f"runs/paper/weights/{cell.name}.npz"
+        _recorded_candidate(paper, recipe.stage("cold"), cell, source, extra)
+    assert recipe.inputs(tail, cells[1]) == [(recipe.stage("cold"), cells[1])]
+    lines = []
+    eqicl._sweep.run_recipe(
+        cells,
+        paper,
+        tmp_path / "runs",
+        extra=extra,
+        echo=lines.append,
+        progress=False,
+        recipe=recipe,
+    )
+    rows = read_table(stage_dir(paper, tail) / "table1.csv")
+    assert rows[cells[0]]["status"] == "skipped" and rows[cells[1]]["status"] == "ok"
+    assert any("tail/gdpp-L3-u6: not needed (cold's candidate is sound" in ln for ln in lines)
+    data = json.loads((stage_dir(paper, tail) / "cells" / "gdpp-L3-u6.json").read_text())
+    assert data["skipped"]["stage"] == "cold" and data["skipped"]["validation"]["max"] < 1000
+    assert not weights_path(stage_dir(paper, tail), cells[0]).exists()
+    trained = read_run_config(tmp_path / "runs" / "tail" / "diag-L3-u6").train
+    assert trained.dtype == "float64" and trained.proposal_x == (1.0, 1.1, 1.2)
+    assert trained.steps == 20  # the user's --set comes after the stage's settings
+    table = read_table(paper / "table1.csv")
+    assert table[cells[0]]["pass"] == "cold"
+    (line,) = listing(cells[:1], paper, None, None, extra, recipe)
+    assert "tail=not-needed table=cold" in line
+    # recorded: a rerun trains nothing
+    lines.clear()
+    eqicl._sweep.run_recipe(
+        cells,
+        paper,
+        tmp_path / "runs",
+        extra=extra,
+        echo=lines.append,
+        progress=False,
+        recipe=recipe,
+    )
+    assert "tail: 2 cells, 2 recorded, 0 to run" in lines
+
+
+def test_unsound_validation_estimates():
+    from eqicl._sweep import unsound
+
+    est = {"finite": True, "mean": 0.1, "top_share": 0.02, "max": 3.0}
+    assert unsound(est) is None
+    assert "carries 60%" in unsound({**est, "top_share": 0.6})
+    assert unsound({**est, "top_share": 0.6, "max": 0.4}) is None  # tiny losses: not carried
+    assert "loss 2e+03" in unsound({**est, "max": 2000.0})
+    assert unsound({**est, "finite": False}) == "not finite on validation"
+
+
+def test_figure5_cells_train_five_seeds_and_record_each(tmp_path):
+    """At sigma_max = 5 the recipe trains 5 seeds (Figure 5's bands), keeps the best by
+    validation loss and records every seed's test estimate; elsewhere one seed."""
+    assert eqicl._sweep.recipe_seeds("5") == 5 and eqicl._sweep.recipe_seeds("{1;3;5}") == 1
+    paper, recipe = tmp_path / "paper", Recipe((Train("cold", max_layers="1"),))
+    cell = Cell("gdpp", 1, "5")
+    eqicl._sweep.run_recipe(
+        [cell],
+        paper,
+        tmp_path / "runs",
+        extra=SMALL,
+        echo=lambda _: None,
+        progress=False,
+        recipe=recipe,
+    )
+    row = read_table(paper / "table1.csv")[cell]
+    data = json.loads((paper / "cells" / f"{cell.name}.json").read_text())
+    seeds = data["seed_losses"]
+    assert row["seeds"] == "5" and len(seeds) == 5 and len(data["selection"]["losses"]) == 5
+    assert all(math.isfinite(s["mean"]) and s["se"] > 0 for s in seeds)
+    assert len({s["mean"] for s in seeds}) == 5  # five trained models, not one
+    best = seeds[int(row["best_seed"])]  # the same model on another test draw of its law
+    assert abs(best["mean"] - float(row["exact"])) < 5 * (best["se"] + float(row["exact_se"]))

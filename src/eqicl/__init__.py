@@ -62,7 +62,13 @@ from ._run import (
     read_run_config as read_run_config,
     run as run,
 )
-from ._tail import DEFAULT as DEFAULT, PLAIN as PLAIN, Proposal as Proposal, summarize as summarize
+from ._tail import (
+    DEFAULT as DEFAULT,
+    PLAIN as PLAIN,
+    SELECT as SELECT,
+    Proposal as Proposal,
+    summarize as summarize,
+)
 from ._task import (
     Batch as Batch,
     oracle_weights as oracle_weights,

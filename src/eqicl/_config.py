@@ -199,6 +199,12 @@ class TrainConfig:
     proposal_x: tuple[float, ...] = (1.0,)
     proposal_w: tuple[float, ...] = (1.0,)
     proposal_shares: tuple[float, ...] = (1.0,)
+    # The best-of-seeds selection's proposal (eqicl.SELECT): `select_sequences` held-out
+    # sequences, importance-weighted, so that no candidate wins by being good on typical
+    # sequences only.
+    select_proposal_x: tuple[float, ...] = (1.0, 1.1, 1.2)
+    select_proposal_w: tuple[float, ...] = (1.0, 1.0, 1.1)
+    select_proposal_shares: tuple[float, ...] = (0.5, 0.25, 0.25)
     # Performance (results unchanged to round-off; see README "Performance"):
     formulation: Literal["stats", "tokens"] = "stats"
     sampler: Literal["wishart", "tokens"] = "wishart"
@@ -269,6 +275,7 @@ class TrainConfig:
             )
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"train.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        _proposal(self, "train", "select_proposal")
         proposal = _proposal(self, "train")
         if not proposal.plain and self.formulation != "stats":
             raise ConfigError(
@@ -286,6 +293,11 @@ class TrainConfig:
         """The training sequences' proposal (an `eqicl.Proposal`; plain by default)."""
         return _proposal(self, "train")
 
+    @property
+    def select_proposal(self):
+        """The selection's proposal (an `eqicl.Proposal`; `eqicl.SELECT` by default)."""
+        return _proposal(self, "train", "select_proposal")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -293,7 +305,7 @@ class EvalConfig:
     `tune_sequences` others, per-variance profile on `profile_points` σ values up to
     `profile_factor` × the largest training σ, and the tail-aware estimate of the same
     expectation on `tail_sequences` sequences from the proposal `proposal_*` (SPEC §9,
-    `eqicl.Proposal`), which the best-of-seeds selection uses too."""
+    `eqicl.Proposal`)."""
 
     sequences: int = 100_000
     tune_sequences: int = 20_000
@@ -303,7 +315,7 @@ class EvalConfig:
     profile_factor: float = 1.5
     seed: int = 12345
     # The tail-aware estimate (SPEC §9) beside the plain one: `tail_sequences` sequences from
-    # this proposal (eqicl.Proposal), importance-weighted; the best-of-seeds selection uses it.
+    # this proposal (eqicl.DEFAULT), importance-weighted.
     tail_sequences: int = 100_000
     proposal_x: tuple[float, ...] = (1.0, 1.25, 1.5)
     proposal_w: tuple[float, ...] = (1.0, 1.0, 1.25)
@@ -334,14 +346,16 @@ class EvalConfig:
         return _proposal(self, "eval")
 
 
-def _proposal(section, name: str):
-    """The `eqicl.Proposal` of a config section's proposal_* fields (ConfigError if bad)."""
+def _proposal(section, name: str, prefix: str = "proposal"):
+    """The `eqicl.Proposal` of a config section's `<prefix>_x/_w/_shares` fields (ConfigError
+    if bad)."""
     from ._tail import Proposal
 
+    x, w, shares = (getattr(section, f"{prefix}_{k}") for k in ("x", "w", "shares"))
     try:
-        return Proposal(section.proposal_x, section.proposal_w, section.proposal_shares)
+        return Proposal(x, w, shares)
     except ConfigError as e:
-        raise ConfigError(f"{name}.proposal_x/_w/_shares: {e}") from None
+        raise ConfigError(f"{name}.{prefix}_x/_w/_shares: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,21 +178,28 @@ def tune(config: Config) -> TunedBaselines:
     return tune_baselines(sp, gd_steps=config.model.layers)
 
 
-def select_losses(models: LinearTransformer, config: Config) -> Float[Array, " members"]:
-    """Expected exact adjusted loss of every ensemble member (stacked models), estimated on
-    `train.select_sequences` held-out sequences drawn from the tail-aware proposal
-    (`eval.proposal_*`) and importance-weighted: the best-of-seeds selection, which a seed
-    cannot win by being good on typical sequences only."""
+def select_estimates(models: LinearTransformer, config: Config) -> list[dict]:
+    """The validation estimate of every ensemble member (stacked models): its expected exact
+    adjusted loss after the last layer on `train.select_sequences` held-out sequences drawn
+    from the selection's proposal (`train.select_proposal_*`) and importance-weighted, as an
+    `eqicl.summarize` dict (mean, se, max, top_share, ...)."""
     members = {str(i): _member(models, i) for i in range(_num_members(models))}
     est = estimate_all(
         members,
         config.task,
         _keys(config)["select"],
         max(config.train.select_sequences, 2),
-        config.eval.proposal,
+        config.train.select_proposal,
         chunk=config.eval.chunk,
     )
-    return jnp.asarray([est[str(i)][-1]["mean"] for i in range(len(members))])
+    return [est[str(i)][-1] for i in range(len(members))]
+
+
+def select_losses(models: LinearTransformer, config: Config) -> Float[Array, " members"]:
+    """The means of `select_estimates`: the best-of-seeds selection (and every choice between
+    candidates in the sweep), which no candidate can win by being good on typical sequences
+    only."""
+    return jnp.asarray([e["mean"] for e in select_estimates(models, config)])
 
 
 def _num_members(models) -> int:

@@ -22,9 +22,11 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
-from ._config import Config, ConfigError, TaskConfig, override, preset
+from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
 from ._evaluate import evaluate_baselines, reuse_test_data
 from ._paper import paper_table
 
@@ -91,6 +93,17 @@ def recipe_steps(model: str, layers: int) -> int:
     return 1000 * (layers + 1) * (2 if model == "full" and layers >= 5 else 1)
 
 
+# Figure 5 (the paper's shaded bands) is drawn over 5 training seeds at sigma ~ U(0, 5): those
+# cells train 5 seeds and keep the best (by validation loss), the others one.
+FIGURE5_COLUMN = "5"
+FIGURE5_SEEDS = 5
+
+
+def recipe_seeds(column: str) -> int:
+    """Adam seeds of a cell of the noise setting `column`: 5 for Figure 5's, else 1."""
+    return FIGURE5_SEEDS if column == FIGURE5_COLUMN else 1
+
+
 class SweepError(ValueError):
     """A sweep that cannot run as asked, or a results file that cannot be trusted."""
 
@@ -128,11 +141,18 @@ def task_for(column: str) -> TaskConfig:
 
 
 def cell_config(
-    cell: Cell, steps: int | None, seeds: int, extra: Sequence[str] = (), init_from: str = ""
+    cell: Cell,
+    steps: int | None,
+    seeds: int | None,
+    extra: Sequence[str] = (),
+    init_from: str = "",
+    settings: Mapping[str, Any] = MappingProxyType({}),
 ) -> Config:
     """The config the sweep trains for one cell: the default preset with the cell's model,
-    depth and noise, the recipe's learning rate and steps (`steps` overrides them), the warm
-    start `init_from` (see `warm_start`), then the user's `--set` overrides."""
+    depth and noise, the recipe's learning rate, steps and seeds (`steps`, `seeds` override
+    them; see `recipe_steps`, `recipe_seeds`), the warm
+    start `init_from` (see `warm_start`), a stage's training `settings` (TrainConfig fields),
+    then the user's `--set` overrides."""
     base = preset("default")
     config = dataclasses.replace(
         base,
@@ -143,8 +163,9 @@ def cell_config(
         train=dataclasses.replace(
             base.train,
             lr=LEARNING_RATES[cell.model],
-            seeds=seeds,
+            seeds=seeds if seeds is not None else recipe_seeds(cell.column),
             steps=steps if steps is not None else recipe_steps(cell.model, cell.layers),
+            **settings,
         ),
     )
     return override(config, extra) if extra else config
@@ -449,6 +470,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
                     k: result["profile"][k] for k in ("sigma", "sequences", "model", "model_se")
                 },
                 "selection": result.get("selection"),
+                **({"seed_losses": result["seed_losses"]} if "seed_losses" in result else {}),
             },
         )
     return row
@@ -478,7 +500,12 @@ def _init_name(config: Config) -> str:
 
 
 def _resumed_config(
-    run_dir: pathlib.Path, cell: Cell, steps: int | None, seeds: int, extra: Sequence[str]
+    run_dir: pathlib.Path,
+    cell: Cell,
+    steps: int | None,
+    seeds: int | None,
+    extra: Sequence[str],
+    settings: Mapping[str, Any] = MappingProxyType({}),
 ) -> Config | None:
     """The config of an interrupted cell's run directory if it is this recipe's with some
     start: the cell resumes from where it was, even if a better start has been recorded
@@ -492,7 +519,7 @@ def _resumed_config(
     except (RunDirError, ConfigError):
         return None
     try:
-        same = cell_config(cell, steps, seeds, extra, config.model.init_from)
+        same = cell_config(cell, steps, seeds, extra, config.model.init_from, settings)
     except ConfigError:
         return None
     return config if same == config else None
@@ -502,8 +529,9 @@ def _foreign_run_dirs(
     run_root: pathlib.Path,
     cells: Sequence[Cell],
     steps: int | None,
-    seeds: int,
+    seeds: int | None,
     extra: Sequence[str],
+    settings: Mapping[str, Any] = MappingProxyType({}),
 ) -> list[str]:
     """The run directories of `cells` that hold a run the sweep would not resume (what
     `_resumed_config` refuses: another config than the recipe's, whatever its start), each
@@ -517,7 +545,7 @@ def _foreign_run_dirs(
             continue
         try:
             config = read_run_config(run_dir)
-            asked = cell_config(cell, steps, seeds, extra, config.model.init_from)
+            asked = cell_config(cell, steps, seeds, extra, config.model.init_from, settings)
         except (RunDirError, ConfigError) as e:
             out.append(f"{run_dir} ({e})")
             continue
@@ -528,11 +556,16 @@ def _foreign_run_dirs(
 
 
 def _check_run_dirs(
-    root: pathlib.Path, cells: Sequence[Cell], steps: int | None, seeds: int, extra: Sequence[str]
+    root: pathlib.Path,
+    cells: Sequence[Cell],
+    steps: int | None,
+    seeds: int | None,
+    extra: Sequence[str],
+    settings: Mapping[str, Any] = MappingProxyType({}),
 ) -> None:
     """SweepError (one line) if a run directory of `cells` under `root` holds a run the
     sweep would not resume."""
-    foreign = _foreign_run_dirs(root, cells, steps, seeds, extra)
+    foreign = _foreign_run_dirs(root, cells, steps, seeds, extra, settings)
     if foreign:
         n = len(foreign)
         raise SweepError(
@@ -556,6 +589,32 @@ def record_weights(
     save_weights(
         model, weights_path(paper_dir, cell), select_loss=selection["losses"][selection["best"]]
     )
+
+
+def seed_losses(run_dir: pathlib.Path, config: Config) -> list[dict]:
+    """Every seed's final model of a finished multi-seed run, scored on one plain draw of
+    `eval.sequences` test sequences (exact adjusted loss, each seed the same sequences):
+    `{"mean", "se", "max", "top_share"}` per seed, in seed order (Figure 5's bands)."""
+    import jax.random as jr
+
+    from ._evaluate import _keys, estimate_all
+    from ._run import load_model
+    from ._tail import PLAIN
+
+    models = {
+        str(k): load_model(run_dir, member=k, step=config.train.steps)[0]
+        for k in range(config.train.seeds)
+    }
+    est = estimate_all(
+        models,
+        config.task,
+        jr.fold_in(_keys(config)["test"], 1),
+        config.eval.sequences,
+        PLAIN,
+        chunk=config.eval.chunk,
+    )
+    keys = ("mean", "se", "max", "top_share")
+    return [{k: est[str(i)][-1][k] for k in keys} for i in range(config.train.seeds)]
 
 
 def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
@@ -645,7 +704,7 @@ def _train_stage(
     paper_dir: pathlib.Path,
     run_root: pathlib.Path,
     steps: int | None,
-    seeds: int,
+    seeds: int | None,
     extra: Sequence[str],
     force: bool,
     echo: Callable[[str], None],
@@ -662,6 +721,7 @@ def _train_stage(
     store = stage_dir(paper_dir, stage)
     root = run_root / stage.name
     also = [stage_dir(paper_dir, recipe.stage(name)) for name in stage.starts_from]
+    earlier = [stage_dir(paper_dir, st) for st in recipe.stages[: recipe.stages.index(stage)]]
     done = read_table(store / "table1.csv")
     todo = [c for c in cells if force or c not in done]
     echo(f"{stage.name}: {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
@@ -675,7 +735,9 @@ def _train_stage(
     with reuse_test_data():
         try:
             for i, cell in enumerate(todo):
-                config = _resumed_config(root / cell.name, cell, steps, seeds, extra)
+                config = _resumed_config(
+                    root / cell.name, cell, steps, seeds, extra, stage.settings
+                )
                 if config is None:
                     waits = recipe.missing_inputs(stage, cell, paper_dir)
                     if waits:
@@ -685,17 +747,31 @@ def _train_stage(
                             weights[cell],
                         )
                         continue
-                    config = cell_config(cell, steps, seeds, extra)
+                    config = cell_config(cell, steps, seeds, extra, settings=stage.settings)
+                    if stage.unsound_only:
+                        verdict = _best_so_far(earlier, cell, config)
+                        if verdict is not None:
+                            record_skipped(store, cell, config, verdict)
+                            bar.done(
+                                f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name}: not needed "
+                                f"({verdict['why']})",
+                                weights[cell],
+                            )
+                            continue
                     if stage.warm:
                         start = warm_start(store, cell, config, also, stage.across_noise)
                         if start is not None:
-                            config = cell_config(cell, steps, seeds, extra, str(start))
+                            config = cell_config(
+                                cell, steps, seeds, extra, str(start), stage.settings
+                            )
                 bar.working(cell.name)
                 result = run(
                     config, root / cell.name, progress=False, echo=lambda _: None, baselines=False
                 )
                 if result.get("status") == "ok":
                     record_weights(store, cell, root / cell.name, result)
+                    if config.train.seeds > 1:
+                        result["seed_losses"] = seed_losses(root / cell.name, config)
                 row = record_cell(store, cell, config, result)
                 out.append(row)
                 paper = f" (paper {row['paper']})" if row["paper"] else ""
@@ -709,6 +785,62 @@ def _train_stage(
             bar.close()
     echo(f"{stage.name}: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+# A per-sequence loss this large on validation means the model explodes within the proposal's
+# reach: predicting zero costs ½(w·x_t)², a few units on any validation sequence.
+EXPLODED_LOSS = 1000.0
+
+
+def unsound(estimate: dict) -> str | None:
+    """Why a validation estimate (an `eqicl.summarize` dict) says its model is unsound: not
+    finite; carried by a few sequences (the top 0.1 % carries at least half the mean and the
+    largest loss is at least 0.5, as `analysis.reeval` judges a test estimate); or exploding
+    on some sequence (a loss of at least `EXPLODED_LOSS`, even where its importance weight
+    makes its share small: plain test draws of millions reach such sequences). None if it is
+    sound."""
+    if not (estimate["finite"] and math.isfinite(estimate["mean"])):
+        return "not finite on validation"
+    if estimate["top_share"] >= 0.5 and estimate["max"] >= 0.5:
+        return (
+            f"the top 0.1 % carries {estimate['top_share']:.0%} of its validation loss "
+            f"{estimate['mean']:.4g}, largest loss {estimate['max']:.3g}"
+        )
+    if estimate["max"] >= EXPLODED_LOSS:
+        return f"a validation sequence has loss {estimate['max']:.3g}"
+    return None
+
+
+def _best_so_far(stage_dirs: Sequence[pathlib.Path], cell: Cell, config: Config) -> dict | None:
+    """For a stage that trains only unsound cells: None if the cell's best candidate of the
+    stages `stage_dirs` (as the table takes it) is unsound on its validation sequences, or
+    has none, so the cell is to be trained; else what says it is sound (`why`, the stage,
+    the validation estimate)."""
+    from ._evaluate import eval_dtype, select_estimates
+
+    source = _best_source(stage_dirs, cell)
+    if source is None:
+        return None
+    model = start_model(weights_path(source, cell), config, eval_dtype())
+    est = select_estimates(_stack([model]), config)[0]
+    if unsound(est) is not None:
+        return None
+    why = (
+        f"{source.name}'s candidate is sound on validation: {est['mean']:.4g}, top 0.1 % "
+        f"{est['top_share']:.0%}, largest loss {est['max']:.3g}"
+    )
+    return {"why": why, "stage": source.name, "validation": est}
+
+
+def record_skipped(paper_dir: pathlib.Path, cell: Cell, config: Config, verdict: dict) -> None:
+    """Record that a stage did not train `cell` (status "skipped", no weights, validation
+    loss inf) and why, in its row and cell file."""
+    with _results_lock(paper_dir):
+        _record_cell(paper_dir, cell, config, {"status": "skipped"})
+        _write_json(
+            paper_dir / "cells" / f"{cell.name}.json",
+            {"cell": dataclasses.asdict(cell), "config": config.to_dict(), "skipped": verdict},
+        )
 
 
 def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
@@ -725,16 +857,20 @@ def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
 
 def _validated_by(paper_dir: pathlib.Path, cell: Cell) -> str | None:
     """How a recorded candidate's validation loss was estimated, from the config in its cell
-    file: "plain N" (eqicl before the tail-aware selection: no eval.proposal_* in the config)
-    or "tail-aware N (proposal)"; None without a readable cell file."""
+    file: "plain N" (eqicl before the tail-aware selection), "tail-aware N (proposal)" with
+    the proposal it was drawn from (`train.select_proposal_*`, or before those existed
+    `eval.proposal_*`); None without a readable cell file."""
     try:
         data = json.loads((paper_dir / "cells" / f"{cell.name}.json").read_text())
-        ev, n = data["config"]["eval"], data["config"]["train"]["select_sequences"]
+        ev, tr = data["config"]["eval"], data["config"]["train"]
+        n = tr["select_sequences"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return None
-    if "proposal_x" not in ev:
-        return f"plain {n}"
-    return f"tail-aware {n} ({ev['proposal_x']}, {ev['proposal_w']}, {ev['proposal_shares']})"
+    for section, prefix in ((tr, "select_proposal"), (ev, "proposal")):
+        if f"{prefix}_x" in section:
+            x, w, shares = (section[f"{prefix}_{k}"] for k in ("x", "w", "shares"))
+            return f"tail-aware {n} ({x}, {w}, {shares})"
+    return f"plain {n}"
 
 
 def merge_choices(
@@ -924,13 +1060,18 @@ class Train:
     sequences) of the candidates that embed exactly into it (`start_candidates`) recorded by
     this stage or by the stages `starts_from`, and with `across_noise` also the same model
     and depth of the neighbouring noise settings recorded by `starts_from`. `max_layers`
-    (as `--max-layers`) says which cells the stage covers."""
+    (as `--max-layers`) says which cells the stage covers. `settings` are TrainConfig
+    fields this stage trains with (before the user's `--set`). With `unsound_only` the stage
+    trains only the cells whose best candidate of the earlier stages is unsound on its
+    validation sequences (`unsound`); for the others it records why it did not."""
 
     name: str
     max_layers: str = "7"
     warm: bool = False
     starts_from: tuple[str, ...] = ()
     across_noise: bool = False
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    unsound_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -972,6 +1113,10 @@ class Recipe:
                     )
                 if st.across_noise and not st.starts_from:
                     raise SweepError(f"stage {st.name}: across_noise takes its starts_from stages")
+                try:
+                    dataclasses.replace(TrainConfig(), **st.settings)
+                except (TypeError, ConfigError) as e:
+                    raise SweepError(f"stage {st.name}: bad settings ({e})") from None
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -991,6 +1136,9 @@ class Recipe:
                 out += [
                     (s, c) for c in neighbour_candidates(cell) for s in starts if self.covers(s, c)
                 ]
+        if isinstance(stage, Train) and stage.unsound_only:
+            earlier = self.stages[: self.stages.index(stage)]
+            out += [(s, cell) for s in earlier if self.covers(s, cell)]
         elif isinstance(stage, Polish):
             earlier = self.stages[: self.stages.index(stage)]
             out += [(s, cell) for s in earlier if self.covers(s, cell)]
@@ -1012,16 +1160,41 @@ class Recipe:
         return out
 
 
+# The tail stage's training (README "Estimates and tails"): batches drawn from the selection's
+# proposal and importance-weighted, so the objective is the expectation with its rare
+# sequences at their full weight; float64, since a model can overflow float32 on them; the
+# soft cap and the divergence guard only as numerical guards far above typical losses (an
+# importance-weighted batch loss jumps tenfold whenever a rare sequence is drawn).
+TAIL_SETTINGS = MappingProxyType(
+    {
+        "proposal_x": (1.0, 1.1, 1.2),
+        "proposal_w": (1.0, 1.0, 1.1),
+        "proposal_shares": (0.5, 0.25, 0.25),
+        "dtype": "float64",
+        "loss_clip": 1000.0,
+        "explode_factor": 1000.0,
+    }
+)
+
 RECIPE = Recipe(
     (
         Train("cold", max_layers="4,full:7"),
         Train("warm", warm=True, starts_from=("cold",), across_noise=True),
+        Train(
+            "tail",
+            warm=True,
+            starts_from=("cold", "warm"),
+            settings=TAIL_SETTINGS,
+            unsound_only=True,
+        ),
         Polish("polish", max_layers="3"),
     )
 )
 """The recipe of Table 1 (README "Reproducing the paper"): a cold stage (the cells of 1-4
 layers and FULL at every depth from the GD start), a warm stage (every cell from its best
-start across both), and a polish stage for the cells of at most 3 layers."""
+start across both), a tail stage (the cells whose best candidate so far is unsound on
+validation, trained on the expectation with its rare sequences weighted in, from their best
+start), and a polish stage for the cells of at most 3 layers."""
 
 
 def stage_dir(paper_dir: pathlib.Path, stage: Stage) -> pathlib.Path:
@@ -1043,7 +1216,7 @@ def run_recipe(
     paper_dir: pathlib.Path,
     run_root: pathlib.Path,
     steps: int | None = None,
-    seeds: int = 1,
+    seeds: int | None = None,
     extra: Sequence[str] = (),
     force: bool = False,
     echo: Callable[[str], None] = print,
@@ -1059,15 +1232,16 @@ def run_recipe(
     cells the table takes from each stage. `recipe`: default `RECIPE`."""
     recipe = recipe or RECIPE
     for cell in cells:  # every config is checked before anything runs
-        try:
-            cell_config(cell, steps, seeds, extra)
-        except ConfigError as e:
-            raise SweepError(f"cell {cell.name}: {e}") from None
+        for stage in recipe.stages:
+            try:
+                cell_config(cell, steps, seeds, extra, settings=getattr(stage, "settings", {}))
+            except ConfigError as e:
+                raise SweepError(f"cell {cell.name}: {e}") from None
     for stage in recipe.stages:  # and every run directory, before anything is written
         if isinstance(stage, Train):
             done = read_table(stage_dir(paper_dir, stage) / "table1.csv")
             todo = [c for c in cells if recipe.covers(stage, c) and (force or c not in done)]
-            _check_run_dirs(run_root / stage.name, todo, steps, seeds, extra)
+            _check_run_dirs(run_root / stage.name, todo, steps, seeds, extra, stage.settings)
     columns = sorted({c.column for c in cells}, key=COLUMNS.index)
     have = recorded_baseline_columns(paper_dir)
     for column in columns:  # once: the baselines are no candidates, --force leaves them
@@ -1114,7 +1288,7 @@ def listing(
     cells: Sequence[Cell],
     paper_dir: pathlib.Path,
     steps: int | None,
-    seeds: int,
+    seeds: int | None,
     extra: Sequence[str],
     recipe: Recipe | None = None,
 ) -> list[str]:
@@ -1127,8 +1301,12 @@ def listing(
     lines = []
     for cell in cells:
         parts, best, best_loss = [], None, math.inf
-        now = cell_config(cell, steps, seeds, extra).train
         changed = []
+        asked_now = {  # every stage's config, checked even where nothing is recorded
+            st.name: cell_config(cell, steps, seeds, extra, settings=st.settings).train
+            for st in recipe.stages
+            if isinstance(st, Train)
+        }
         for st in recipe.stages:
             if not recipe.covers(st, cell):
                 parts.append(f"{st.name}=-")
@@ -1138,11 +1316,15 @@ def listing(
                 waiting = recipe.missing_inputs(st, cell, paper_dir)
                 parts.append(f"{st.name}={'waits' if waiting else 'to-run'}")
                 continue
+            if row["status"] == "skipped":
+                parts.append(f"{st.name}=not-needed")
+                continue
             loss = validation_loss(stage_dir(paper_dir, st), cell)
             parts.append(f"{st.name}={loss:.6g}")
             if loss < best_loss:
                 best, best_loss = st.name, loss
             if isinstance(st, Train):
+                now = asked_now[st.name]
                 asked = {"steps": now.steps, "lr": now.lr, "seeds": now.seeds}
                 changed += [f"{st.name}.{k}={v:g}" for k, v in asked.items() if float(row[k]) != v]
         table = f"table={best}" if best else "table=-"

@@ -123,7 +123,13 @@ PLAIN = Proposal(x_scales=(1.0,), w_scales=(1.0,), shares=(1.0,))
 """The task's own law: plain sampling, every weight 1."""
 
 DEFAULT = Proposal()
-"""The proposal eqicl evaluates and trains with unless told otherwise."""
+"""The tail-aware estimate's proposal (eval.proposal_*): its heaviest component scales the
+covariates by 1.5, so it reaches sequences far rarer than any plain test draw."""
+
+SELECT = Proposal(x_scales=(1.0, 1.1, 1.2), w_scales=(1.0, 1.0, 1.1), shares=(0.5, 0.25, 0.25))
+"""The selection's proposal (train.select_proposal_*): it reaches beyond what a plain draw of
+millions of sequences holds, but not so far that one sequence with an astronomical loss
+decides between candidates (README "Estimates and tails")."""
 
 
 def summarize(losses, log_weights=None, top: float = 1e-3) -> dict[str, float | int | bool]:

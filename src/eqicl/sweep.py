@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         "--noise", default="all", help="Table 1 columns, e.g. 0,3,{1;3} (default: all ten)"
     )
     parser.add_argument(
-        "--seeds", type=int, default=1, help="Adam seeds per cell, best one kept (default 1)"
+        "--seeds",
+        type=int,
+        default=None,
+        help="Adam seeds per cell, best one kept (default: the recipe's, 5 at sigma_max = 5 "
+        "for Figure 5's bands, else 1)",
     )
     parser.add_argument(
         "--steps",
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._sweep import SweepError, listing, parse_cells, run_recipe
 
     try:
-        if args.seeds < 1:
+        if args.seeds is not None and args.seeds < 1:
             raise SweepError(f"--seeds must be >= 1, got {args.seeds}")
         if args.steps is not None and args.steps < 1:
             raise SweepError(f"--steps must be >= 1, got {args.steps}")
