@@ -313,7 +313,7 @@ CELLS = ["--models", "gdpp,diag", "--layers", "1", "--noise", "0,{1;3}"]
 
 def _args(tmp_path):
     args = ["--run-root", str(tmp_path / "runs"), "--paper-dir", str(tmp_path / "paper")]
-    args += ["--no-progress"]
+    args += ["--no-progress", "--test-sequences", "600"]
     for s in SMALL:
         args += ["--set", s]
     return args
@@ -379,6 +379,10 @@ def test_one_command_runs_every_stage_and_the_table(swept, capsys):
         assert validation_loss(paper, cell) == min(losses.values())
         assert float(row["tail_se"]) > 0 and int(row["tail_sequences"]) > 0
         assert 0 < float(row["exact_top"]) < 1 and float(row["exact_max"]) > 0
+        # scored on the test seed: its own draw, as analysis.reeval scores the weights
+        assert (row["test_seed"], row["test_sequences"]) == ("2027", "600")
+        assert float(row["test_se"]) > 0 and float(row["test_tail_se"]) > 0
+        assert row["test_weights"] == eqicl._score.weights_digest(weights_path(paper, cell))
     warm = read_table(stage_dir(paper, SMALL_RECIPE.stage("warm")) / "table1.csv")
     cold = read_table(stage_dir(paper, SMALL_RECIPE.stage("cold")) / "table1.csv")
     assert {r["init"] for r in cold.values()} == {"gd"}
@@ -675,3 +679,38 @@ def test_figure5_cells_train_five_seeds_and_record_each(tmp_path):
     assert len({s["mean"] for s in seeds}) == 5  # five trained models, not one
     best = seeds[int(row["best_seed"])]  # the same model on another test draw of its law
     assert abs(best["mean"] - float(row["exact"])) < 5 * (best["se"] + float(row["exact_se"]))
+
+
+def test_the_tables_score_is_what_reeval_finds_on_its_seed(swept, tmp_path):
+    """The sweep's last step and `python -m analysis.reeval` score a cell's weights on the
+    same draw of the test seed; a changed weights file is scored again, an unchanged one not."""
+    import shutil
+
+    import equinox as eqx
+
+    from analysis.reeval import main as reeval
+
+    paper = tmp_path / "paper"
+    shutil.copytree(swept[0] / "paper", paper)
+    out = tmp_path / "r"
+    args = ["--paper-dir", str(paper), "--seed", "2027", "--sequences", "600", "--out", str(out)]
+    assert reeval([*args, "--no-progress"]) == 0
+    with open(out.with_suffix(".csv")) as f:
+        again = {(r["method"], r["layers"], r["noise"]): r for r in csv.DictReader(f)}
+    rows = read_table(paper / "table1.csv")
+    for row in rows.values():
+        r = again[(row["method"], row["layers"], row["noise"])]
+        assert float(r["plain"]) == float(row["test"])
+        assert float(r["tail"]) == float(row["test_tail"])
+
+    def score(seed):
+        return eqicl._score.score_table(paper, seed, 600, echo=lambda _: None, progress=False)
+
+    assert score(2027) == 0
+    cell = Cell("gdpp", 1, "0")
+    model, _ = eqicl.load_weights(weights_path(paper, cell))
+    halved = jax.tree.map(lambda a: a * 0.5 if eqx.is_array(a) else a, model)
+    eqicl.save_weights(halved, weights_path(paper, cell))
+    assert score(2027) == 1
+    assert read_table(paper / "table1.csv")[cell]["test"] != rows[cell]["test"]
+    assert score(2028) == 4

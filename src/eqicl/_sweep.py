@@ -29,6 +29,7 @@ from typing import Any
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
 from ._evaluate import evaluate_baselines, reuse_test_data
 from ._paper import paper_table
+from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
 MODELS = ("gdpp", "diag", "full")
 LAYERS = tuple(range(1, 8))
@@ -64,9 +65,10 @@ TABLE_FIELDS = (
     "status",
     "pass",
     *TAIL_FIELDS,
+    *TEST_FIELDS,
 )
 # Columns added after results were first recorded: a file without them reads them as "".
-LATER_FIELDS = ("init", "pass", *TAIL_FIELDS)
+LATER_FIELDS = ("init", "pass", *TAIL_FIELDS, *TEST_FIELDS)
 BASELINE_FIELDS = (
     "method",
     "noise",
@@ -401,6 +403,11 @@ def _write_csv(path: pathlib.Path, fields: Sequence[str], rows: Iterable[dict]) 
     os.replace(tmp, path)
 
 
+def write_table(path: pathlib.Path, rows: dict[Cell, dict]) -> None:
+    """Write table1.csv (atomically), its rows in the table's order."""
+    _write_csv(path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
+
+
 def _write_json(path: pathlib.Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -458,7 +465,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
         **_tail_columns(model if ok else {}),
     }
     rows[cell] = row
-    _write_csv(table_path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
+    write_table(table_path, rows)
     if ok:
         _write_json(
             paper_dir / "cells" / f"{cell.name}.json",
@@ -918,7 +925,8 @@ def merge(
         rows = read_table(paper_dir / "table1.csv")
         for cell, best, losses in choices:
             counts[best.name] += 1
-            rows[cell] = {**tables[best][cell], "pass": best.name}
+            kept = {k: rows.get(cell, {}).get(k, "") for k in TEST_FIELDS}  # score_table
+            rows[cell] = {**tables[best][cell], "pass": best.name, **kept}  # checks them
             (paper_dir / "cells").mkdir(parents=True, exist_ok=True)
             src = best / "cells" / f"{cell.name}.json"
             if src.is_file():
@@ -1222,6 +1230,8 @@ def run_recipe(
     echo: Callable[[str], None] = print,
     progress: bool = True,
     recipe: Recipe | None = None,
+    test_seed: int = TEST_SEED,
+    test_sequences: int = TEST_SEQUENCES,
 ) -> dict[str, int]:
     """The whole recipe for `cells`, from scratch or from wherever it stopped: the baselines
     of their noise settings (once, in `paper_dir`), every stage in order (each skips the
@@ -1229,7 +1239,10 @@ def run_recipe(
     recorded yet), then the table: `paper_dir/table1.csv`, `cells/`, `weights/` as the best
     candidate of every recorded cell (`assemble`). `steps` and `seeds` are the Adam stages'
     (None: the recipe's steps); `extra` are `--set` overrides for every cell. Returns how many
-    cells the table takes from each stage. `recipe`: default `RECIPE`."""
+    cells the table takes from each stage. `recipe`: default `RECIPE`. Last, the table's
+    cells are scored on `test_sequences` sequences of the test seed `test_seed`
+    (`eqicl._score.score_table`, the `test*` columns; 0 sequences: not scored), each cell
+    once for its weights."""
     recipe = recipe or RECIPE
     for cell in cells:  # every config is checked before anything runs
         for stage in recipe.stages:
@@ -1268,7 +1281,10 @@ def run_recipe(
             )
         else:
             _polish_stage(stage, covered, recipe, paper_dir, extra, force, echo, progress)
-    return assemble(paper_dir, recipe, echo)
+    counts = assemble(paper_dir, recipe, echo)
+    if test_sequences and counts:
+        score_table(paper_dir, test_seed, test_sequences, cells, echo, progress)
+    return counts
 
 
 def assemble(

@@ -72,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         help="one line per cell: each stage's validation loss (or to-run / waits / - where "
         "the stage does not cover it) and the stage the table takes; runs and writes nothing",
     )
+    parser.add_argument(
+        "--test-seed",
+        type=int,
+        default=2027,
+        help="the test seed the table's cells are scored on at the end (2027; used nowhere "
+        "in training or selection)",
+    )
+    parser.add_argument(
+        "--test-sequences",
+        type=int,
+        default=1_000_000,
+        help="sequences per estimate of that score (1,000,000; 0: no score)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -87,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--seeds must be >= 1, got {args.seeds}")
         if args.steps is not None and args.steps < 1:
             raise SweepError(f"--steps must be >= 1, got {args.steps}")
+        if not (0 <= args.test_seed < 2**31):
+            raise SweepError(f"--test-seed must be in [0, 2^31), got {args.test_seed}")
+        if args.test_sequences != 0 and not (2 <= args.test_sequences <= 10**9):
+            raise SweepError(
+                f"--test-sequences must be 0 (no score) or in [2, 1e9], got {args.test_sequences}"
+            )
         cells = parse_cells(args.models, args.layers, args.noise)
         if not cells:
             raise SweepError("no cells selected (check --models, --layers and --noise)")
@@ -106,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides,
             force=args.force,
             progress=not args.no_progress,
+            test_seed=args.test_seed,
+            test_sequences=args.test_sequences,
         )
     except (SweepError, RunDirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
