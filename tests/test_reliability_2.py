@@ -174,6 +174,14 @@ def test_sanity_reasons():
     assert _run.sanity(config, _result(0.5, se=float("nan"), x=[float("nan")])) == (
         "eval.json holds non-finite numbers (model.adjusted_exact.se = nan and 1 more)"
     )
+    # a tail-aware estimate that overflows (its finite flag false) is a finding, not a fault
+    inf = float("inf")
+    tail = {"mean": inf, "se": inf, "max": inf, "finite": False}
+    result = _result(0.5)
+    result["model"]["tail"] = tail
+    assert _run.sanity(config, result) is None
+    result["model"]["tail"] = {**tail, "finite": True}  # an inf it does not own up to: not
+    assert "model.tail.mean = inf" in _run.sanity(config, result)
 
 
 def test_guard_catches_a_run_bad_from_its_first_call():

@@ -943,8 +943,13 @@ def _non_finite(tree, where: str = "") -> list[str]:
 def sanity(config: Config, result: dict) -> str | None:
     """Why an evaluated model is not a sane result (None if it is): a non-finite number in
     eval.json, or an adjusted loss above predicting zero or one best-step GD step by more
-    than three standard errors (and always at twice the reference). The selection (a given-up seed's loss may be NaN) is exempt."""
+    than three standard errors (and always at twice the reference). Exempt: the selection (a
+    given-up seed's loss may be NaN), and a tail-aware estimate that overflows float64
+    (`model.tail.finite` false): that is what the model's expectation is found to be, not a
+    broken run, and the table says so."""
     bad = _non_finite({k: v for k, v in result.items() if k != "selection"})
+    if not result.get("model", {}).get("tail", {}).get("finite", True):
+        bad = [b for b in bad if not b.startswith("model.tail.")]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         return f"eval.json holds non-finite numbers ({bad[0]}{more})"
