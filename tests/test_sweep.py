@@ -677,6 +677,7 @@ def test_figure5_cells_train_five_seeds_and_record_each(tmp_path):
     assert row["seeds"] == "5" and len(seeds) == 5 and len(data["selection"]["losses"]) == 5
     assert all(math.isfinite(s["mean"]) and s["se"] > 0 for s in seeds)
     assert len({s["mean"] for s in seeds}) == 5  # five trained models, not one
+    assert all(s["after_layer"][-1]["mean"] == s["mean"] for s in seeds)
     best = seeds[int(row["best_seed"])]  # the same model on another test draw of its law
     assert abs(best["mean"] - float(row["exact"])) < 5 * (best["se"] + float(row["exact_se"]))
 

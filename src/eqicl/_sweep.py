@@ -601,7 +601,8 @@ def record_weights(
 def seed_losses(run_dir: pathlib.Path, config: Config) -> list[dict]:
     """Every seed's final model of a finished multi-seed run, scored on one plain draw of
     `eval.sequences` test sequences (exact adjusted loss, each seed the same sequences):
-    `{"mean", "se", "max", "top_share"}` per seed, in seed order (Figure 5's bands)."""
+    per seed, in seed order, `{"mean", "se", "max", "top_share"}` after the last layer and
+    `after_layer`, the mean and se after every layer (Figure 5's bands)."""
     import jax.random as jr
 
     from ._evaluate import _keys, estimate_all
@@ -621,7 +622,13 @@ def seed_losses(run_dir: pathlib.Path, config: Config) -> list[dict]:
         chunk=config.eval.chunk,
     )
     keys = ("mean", "se", "max", "top_share")
-    return [{k: est[str(i)][-1][k] for k in keys} for i in range(config.train.seeds)]
+    return [
+        {
+            **{k: est[str(i)][-1][k] for k in keys},
+            "after_layer": [{"mean": e["mean"], "se": e["se"]} for e in est[str(i)]],
+        }
+        for i in range(config.train.seeds)
+    ]
 
 
 def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
