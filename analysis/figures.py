@@ -196,26 +196,38 @@ def figure3(paper_dir: pathlib.Path) -> plt.Figure:
     return fig
 
 
+def _seed_band(data: dict) -> tuple[list[float], list[float]] | None:
+    """The lowest and highest loss after every layer over a cell's training seeds (its
+    `seed_losses`, recorded where the recipe trains several), or None."""
+    seeds = data.get("seed_losses")
+    if not seeds:
+        return None
+    per_layer = list(zip(*([e["mean"] for e in s["after_layer"]] for s in seeds), strict=True))
+    return [min(v) for v in per_layer], [max(v) for v in per_layer]
+
+
 def figure5(paper_dir: pathlib.Path) -> plt.Figure:
-    """Loss after k layers inside one trained model, σ ~ U(0, 5)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    """Loss after k layers inside one trained model, σ ~ U(0, 5): per model, every depth's
+    recorded model (the best of its seeds by validation loss) with the band its training
+    seeds span; last panel, each depth's final loss with that band (the paper's shading)."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     base = _baseline(paper_dir, "5")
-    for ax, model in zip(axes, MODEL_ROWS, strict=True):
+    table = paper_table()
+    for ax, model in zip(axes[:3], MODEL_ROWS, strict=True):
         drew = False
+        finals = []
         for layers in LAYERS:
             data = _cell(paper_dir, Cell(model, layers, "5"))
             if data is None:
                 continue
             ks = [r["layer"] for r in data["after_layer"]]
             vals = [r["adjusted_exact"]["mean"] for r in data["after_layer"]]
-            ax.plot(
-                ks,
-                vals,
-                "o-",
-                color=COLORS[model],
-                alpha=0.3 + 0.7 * layers / 7,
-                label=f"{layers}-layer model",
-            )
+            shade = 0.3 + 0.7 * layers / 7
+            ax.plot(ks, vals, "o-", color=COLORS[model], alpha=shade, label=f"{layers}-layer model")
+            band = _seed_band(data)
+            if band is not None:
+                ax.fill_between(ks, *band, color=COLORS[model], alpha=0.12 * shade, lw=0)
+            finals.append((layers, vals[-1], band))
             drew = True
         if base is not None:
             for name, (label, color) in BASE_STYLE.items():
@@ -225,9 +237,40 @@ def figure5(paper_dir: pathlib.Path) -> plt.Figure:
         ax.set_yscale("log")
         ax.set_xlabel("k (layers applied)")
         ax.set_title(f"{MODEL_ROWS[model]}, σ ~ U(0, 5)")
+        last = axes[-1]
+        if finals:
+            xs = [f[0] for f in finals]
+            last.plot(
+                xs, [f[1] for f in finals], "o-", color=COLORS[model], label=MODEL_ROWS[model]
+            )
+            banded = [f for f in finals if f[2] is not None]
+            if banded:
+                last.fill_between(
+                    [f[0] for f in banded],
+                    [f[2][0][-1] for f in banded],
+                    [f[2][1][-1] for f in banded],
+                    color=COLORS[model],
+                    alpha=0.2,
+                    lw=0,
+                )
+        last.plot(
+            LAYERS,
+            [table[(MODEL_ROWS[model], n, "5")] for n in LAYERS],
+            "--",
+            color=COLORS[model],
+            alpha=0.5,
+            label=f"{MODEL_ROWS[model]} (paper)",
+        )
+    axes[-1].set_yscale("log")
+    axes[-1].set_xlabel("layers")
+    axes[-1].set_title("trained models (band: their training seeds)")
     axes[0].set_ylabel("adjusted loss after k layers")
     _legend(axes[0])
-    fig.suptitle("Figure 5: loss after k layers inside one model")
+    _legend(axes[-1])
+    fig.suptitle(
+        "Figure 5: loss after k layers inside one model, σ ~ U(0, 5) "
+        "(shaded: min-max over the training seeds)"
+    )
     fig.tight_layout()
     return fig
 

@@ -715,3 +715,10 @@ def test_the_tables_score_is_what_reeval_finds_on_its_seed(swept, tmp_path):
     assert score(2027) == 1
     assert read_table(paper / "table1.csv")[cell]["test"] != rows[cell]["test"]
     assert score(2028) == 4
+    # Figure 5 shades the band the five seeds span, around the recorded (best) model
+    from analysis.figures import _seed_band, figure5
+
+    low, high = _seed_band(data)
+    assert low[-1] == min(s["mean"] for s in seeds) and high[-1] == max(s["mean"] for s in seeds)
+    fig = figure5(paper)
+    assert len(fig.axes[0].collections) == 1 and len(fig.axes[-1].collections) == 1
