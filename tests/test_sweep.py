@@ -680,6 +680,13 @@ def test_figure5_cells_train_five_seeds_and_record_each(tmp_path):
     assert all(s["after_layer"][-1]["mean"] == s["mean"] for s in seeds)
     best = seeds[int(row["best_seed"])]  # the same model on another test draw of its law
     assert abs(best["mean"] - float(row["exact"])) < 5 * (best["se"] + float(row["exact_se"]))
+    # Figure 5 shades the band the five seeds span, around the recorded (best) model
+    from analysis.figures import _seed_band, figure5
+
+    low, high = _seed_band(data)
+    assert low[-1] == min(s["mean"] for s in seeds) and high[-1] == max(s["mean"] for s in seeds)
+    fig = figure5(paper)
+    assert len(fig.axes[0].collections) == 1 and len(fig.axes[-1].collections) == 1
 
 
 def test_the_tables_score_is_what_reeval_finds_on_its_seed(swept, tmp_path):
@@ -715,10 +722,3 @@ def test_the_tables_score_is_what_reeval_finds_on_its_seed(swept, tmp_path):
     assert score(2027) == 1
     assert read_table(paper / "table1.csv")[cell]["test"] != rows[cell]["test"]
     assert score(2028) == 4
-    # Figure 5 shades the band the five seeds span, around the recorded (best) model
-    from analysis.figures import _seed_band, figure5
-
-    low, high = _seed_band(data)
-    assert low[-1] == min(s["mean"] for s in seeds) and high[-1] == max(s["mean"] for s in seeds)
-    fig = figure5(paper)
-    assert len(fig.axes[0].collections) == 1 and len(fig.axes[-1].collections) == 1
