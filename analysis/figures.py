@@ -116,7 +116,34 @@ def figure1(paper_dir: pathlib.Path, rows) -> plt.Figure:
     return fig
 
 
+def _training_range(ax, column: str) -> None:
+    """The paper's grey band: the σ range the models were trained on."""
+    task_sigmas = (
+        [float(v) for v in column.strip("{}").split(";")]
+        if column.startswith("{")
+        else [0.0, float(column)]
+    )
+    lo, hi = min(task_sigmas), max(task_sigmas)
+    if hi > lo:
+        ax.axvspan(lo, hi, color="0.9", zorder=0, label="training range")
+    else:
+        ax.axvline(hi, color="0.8", zorder=0, label="training σ")
+
+
+def _clip_to(ax, values) -> None:
+    """A log axis on the range where the methods are compared: deep models extrapolate
+    explosively beyond the training range (up to 1e263 at 1.5 σ_max), and one spike must not
+    flatten the rest; four decades below the baselines' largest value (they are 0 at σ = 0,
+    which a log axis cannot show)."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if finite:
+        top = max(finite)
+        ax.set_ylim(1e-3 * top, 10 * top)
+    ax.set_yscale("log")
+
+
 def _profile_panel(ax, paper_dir, column, models, layers_list, title):
+    _training_range(ax, column)
     drew = False
     for model in models:
         for layers in layers_list:
@@ -135,24 +162,19 @@ def _profile_panel(ax, paper_dir, column, models, layers_list, title):
             )
             drew = True
     base = _baseline(paper_dir, column)
-    top = None
+    reference = []
     if base is not None:
         for name, (label, color) in BASE_STYLE.items():
             if name in base["profile"]["baselines"]:
                 values = base["profile"]["baselines"][name]
                 ax.plot(base["profile"]["sigma"], values, ls="--", color=color, label=label)
-                finite = [v for v in values if math.isfinite(v)]
-                top = max([top or 0.0, *finite])
-    if top:
-        # Deep models extrapolate explosively beyond the training range (up to 1e263 at
-        # 1.5 σ_max): keep the axis on the range where the methods are compared.
-        # Four decades below that: the baselines are 0 at σ = 0, which a log axis cannot show.
-        ax.set_ylim(1e-3 * top, 10 * top)
+                reference += values
     if not drew:
         _empty(ax)
     ax.set_title(title)
     ax.set_xlabel("σ")
-    ax.set_yscale("log")
+    ax.set_ylabel("adjusted loss")
+    _clip_to(ax, reference)
 
 
 def figure2(paper_dir: pathlib.Path) -> plt.Figure:
@@ -169,7 +191,8 @@ def figure2(paper_dir: pathlib.Path) -> plt.Figure:
                 LAYERS,
                 f"{MODEL_ROWS[model]}, σ ~ U(0, {column})",
             )
-    _legend(axes[0, 0])
+    for ax in axes[0]:
+        _legend(ax)
     fig.suptitle(
         "Figure 2: adjusted loss against σ (trained on σ ~ U(0, σ_max); dashed: baselines)"
     )
@@ -190,7 +213,8 @@ def figure3(paper_dir: pathlib.Path) -> plt.Figure:
                 [layers],
                 f"σ ∈ {column.replace(';', ',')}, {layers} layers",
             )
-    _legend(axes[0, 0])
+    for ax in axes[:, 0]:
+        _legend(ax)
     fig.suptitle("Figure 3: categorical noise, adjusted loss against σ")
     fig.tight_layout()
     return fig
@@ -291,7 +315,9 @@ def figure6(paper_dir: pathlib.Path) -> plt.Figure:
             continue
         orc = base["profile"]["oracle_unadjusted"]
         sig = base["profile"]["sigma"]
+        _training_range(ax, column)
         ax.plot(sig, orc, "k-", label="oracle")
+        reference = list(orc)
         for model in MODEL_ROWS:
             data = _cell(paper_dir, Cell(model, 7, column))
             if data is not None:
@@ -304,18 +330,15 @@ def figure6(paper_dir: pathlib.Path) -> plt.Figure:
         for name, (label, color) in BASE_STYLE.items():
             vals = base["profile"]["baselines"].get(name)
             if vals:
-                ax.plot(
-                    sig,
-                    [o + v for o, v in zip(orc, vals, strict=True)],
-                    ls="--",
-                    color=color,
-                    label=label,
-                )
+                total = [o + v for o, v in zip(orc, vals, strict=True)]
+                ax.plot(sig, total, ls="--", color=color, label=label)
+                reference += total
         ax.set_title(f"σ ~ U(0, {column})")
         ax.set_xlabel("σ")
-    axes[0].set_ylabel("unadjusted loss ½E(ŷ − y_t)²")
+        ax.set_ylabel("unadjusted loss ½E(ŷ − y_t)²")
+        _clip_to(ax, reference)
     _legend(axes[0])
-    fig.suptitle("Figure 6: unadjusted loss against σ")
+    fig.suptitle("Figure 6: unadjusted loss against σ (log scale; grey: the training range)")
     fig.tight_layout()
     return fig
 
@@ -325,6 +348,7 @@ def figure7(paper_dir: pathlib.Path) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, model in zip(axes, MODEL_ROWS, strict=True):
         data = _cell(paper_dir, Cell(model, 7, "5"))
+        _training_range(ax, "5")
         if data is None:
             _empty(ax)
         else:
@@ -338,11 +362,18 @@ def figure7(paper_dir: pathlib.Path) -> plt.Figure:
                     alpha=0.25 + 0.75 * (k + 1) / len(per_layer),
                     label=f"after layer {k + 1}",
                 )
+            inside = [
+                v
+                for vals in per_layer
+                for sg, v in zip(prof["sigma"], vals, strict=True)
+                if sg <= 5
+            ]
+            _clip_to(ax, inside)  # the training range decides the axis, not a spike beyond
         ax.set_yscale("log")
         ax.set_xlabel("σ")
+        ax.set_ylabel("adjusted loss")
         ax.set_title(f"{MODEL_ROWS[model]}, 7 layers, σ ~ U(0, 5)")
-    axes[0].set_ylabel("adjusted loss")
-    _legend(axes[0])
+        _legend(ax)
     fig.suptitle("Figure 7: per-variance profile after each layer")
     fig.tight_layout()
     return fig
