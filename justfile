@@ -1,9 +1,18 @@
 # eqicl recipes. `just --list` shows them; CI runs `just test`.
 
+# (`just train --run-dir X ...` trains into X and analyses X.)
 # Train the default model (DIAG, 3 layers, sigma ~ U(0, 3)) into runs/default, evaluate it, analyse it.
 train *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir=runs/default; prev=""
+    for a in {{ARGS}}; do
+        if [[ $prev == --run-dir ]]; then dir=$a; fi
+        if [[ $a == --run-dir=* ]]; then dir=${a#--run-dir=}; fi
+        prev=$a
+    done
     python -m eqicl.train --preset default --run-dir runs/default {{ARGS}}
-    python -m analysis.extract runs/default
+    python -m analysis.extract "$dir"
 
 # The default test suite (fast on 2 CPU cores; jaxtyping + beartype active).
 test *ARGS:
