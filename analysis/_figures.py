@@ -126,6 +126,33 @@ def plot_noise(per_sigma: dict, kind: str, path: pathlib.Path) -> pathlib.Path:
     return _save(fig, path)
 
 
+def plot_training(metrics: list[dict], path: pathlib.Path) -> pathlib.Path:
+    """The training curve of a run (its metrics.jsonl records): every seed's mean loss per
+    logged call (log scale), and the logged learning rate; a seed's rollbacks show as the
+    steps where its curve restarts from an earlier step."""
+    fig = Figure(figsize=(10, 3.6))
+    ax, ax_lr = fig.subplots(1, 2)
+    seeds = max((len(m.get("loss", [])) for m in metrics), default=0)
+    for k in range(seeds):
+        pts = [(m["step"], m["loss"][k]) for m in metrics if len(m.get("loss", [])) > k]
+        pts = [(s, v) for s, v in pts if v is not None and np.isfinite(v) and v > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), lw=1, label=f"seed {k}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean of a call)")
+    if seeds:
+        ax.legend(fontsize=7, ncol=2)
+    lr = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
+    if lr:
+        ax_lr.plot(*zip(*lr, strict=True), "k-", lw=1)
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate (logged)")
+    fig.suptitle("training curve (metrics.jsonl)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def write_figures(result: dict, out_dir: pathlib.Path) -> dict[str, str]:
     """All figures of an `analyse` result (plus `per_sigma` if present) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +165,8 @@ def write_figures(result: dict, out_dir: pathlib.Path) -> dict[str, str]:
             result["weights"], out_dir / "loss_after_layers.png"
         ),
     }
+    if result.get("metrics"):
+        paths["training"] = plot_training(result["metrics"], out_dir / "training_curve.png")
     if result.get("per_sigma"):
         paths["noise"] = plot_noise(
             result["per_sigma"], result["kind"], out_dir / "noise_adaptation.png"

@@ -124,7 +124,7 @@ def analyse_run(
         task=config.to_dict()["task"],
     )
     if figures:
-        result["figures"] = write_figures(result, out)
+        result["figures"] = write_figures({**result, "metrics": _metrics(path)}, out)
     tmp = out / f".extract.json.tmp{os.getpid()}"
     try:
         tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
@@ -133,6 +133,24 @@ def analyse_run(
         tmp.unlink(missing_ok=True)
         raise
     return result
+
+
+def _metrics(path: pathlib.Path) -> list[dict]:
+    """The readable records of a run's metrics.jsonl (for the training curve; a damaged
+    line is skipped, none if the file is missing)."""
+    out = []
+    try:
+        lines = (path / "metrics.jsonl").read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
 
 
 def _memory(config: eqicl.Config, sequences: int, sigmas: int) -> int:

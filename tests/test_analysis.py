@@ -278,7 +278,9 @@ def test_extract_end_to_end_on_a_tiny_run(tiny_run, capsys):
         "coefficients": "coefficients",
         "loss_after_layers": "loss_after_layers",
         "noise": "noise_adaptation",
+        "training": "training_curve",
     }
+    assert "metrics" not in result  # the curve is drawn from metrics.jsonl, not copied in
     for name, stem in files.items():
         png = tiny_run / "analysis" / f"{stem}.png"
         assert result["figures"][name] == str(png)
