@@ -89,3 +89,33 @@ def test_non_run_directory_is_refused(tmp_path):
         prepare_run_dir(tmp_path, eqicl.preset("tiny"))
     with pytest.raises(RunDirError, match="not an eqicl run directory"):
         eqicl.read_run_config(tmp_path)
+
+
+def test_cli_help_config_files_and_print_config(tmp_path, capsys):
+    """--help lists every config field; --print-config needs no run directory; --config reads
+    a --print-config output or a run's config.json (--set on top); training needs --run-dir."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    config = eqicl.preset("default")
+    for section in ("task", "model", "train", "eval"):
+        for name in getattr(config, section).__dataclass_fields__:
+            assert f"  {section}.{name}=" in out
+    assert main(["--preset", "tiny", "--print-config", "--set", "model.layers=4"]) == 0
+    printed = capsys.readouterr().out
+    saved = tmp_path / "c.json"
+    saved.write_text(printed)
+    assert main(["--config", str(saved), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(printed)
+    run_dir = prepare_run_dir(tmp_path / "run", eqicl.preset("tiny", ["train.lr=0.5"]))
+    assert (
+        main(["--config", str(run_dir / "config.json"), "--print-config", "--set", "seed=3"]) == 0
+    )
+    got = eqicl.Config.from_dict(json.loads(capsys.readouterr().out))
+    assert got == eqicl.preset("tiny", ["train.lr=0.5", "seed=3"])
+    assert main(["--config", str(saved)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --run-dir is required to train (only --print-config works without)"
+    )
+    assert main(["--config", str(tmp_path / "none.json"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "No such file" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Command line: `python -m eqicl.train --preset NAME --run-dir DIR [--set section.field=value]`.
+"""Command line: `python -m eqicl.train --preset NAME --run-dir DIR [--set section.field=value]`
+(or `--config FILE`: a run's config.json or a `--print-config` output, e.g. to rerun a run).
 
 Trains (resuming from the newest checkpoint if the run directory already holds this config),
 selects the best seed on held-out sequences, evaluates it on fresh sequences with the
@@ -23,6 +24,45 @@ def _repeated(overrides: list[str]) -> str | None:
     return None
 
 
+def _fields_help() -> str:
+    """The config fields with the default preset's values, for --help."""
+    from ._config import preset
+
+    lines = ["config fields (--set SECTION.FIELD=VALUE; values of the default preset):"]
+    data = preset("default").to_dict()
+    for section, fields in data.items():
+        if not isinstance(fields, dict):
+            lines.append(f"  {section}={fields}")
+            continue
+        for name, value in fields.items():
+            if isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)
+            lines.append(f"  {section}.{name}={value}")
+    return "\n".join(lines)
+
+
+def _load_config(path: str, overrides: list[str]):
+    """The config in `path` (a run's config.json, or a bare config as --print-config prints
+    it) with `overrides` on top; ConfigError (one line) if it cannot be read."""
+    import json
+    import pathlib
+
+    from ._config import Config, ConfigError, override
+
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "format" in data:
+        data = data["config"]  # a run directory's config.json
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} does not hold a config (a JSON object)")
+    config = Config.from_dict(data)
+    return override(config, overrides) if overrides else config
+
+
 def main(argv: list[str] | None = None) -> int:
     # Importing jax takes seconds; a signal then must not be lost (nor swallowed by an
     # import): it is noted, and acted on once the imports are done.
@@ -35,11 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m eqicl.train",
         description="Train a linear transformer on in-context noisy linear regression, "
         "then evaluate it against the ridge baselines and the paper's Table 1.",
+        epilog=_fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--preset", default="default", help="tiny | default | paper (default: default)"
     )
-    parser.add_argument("--run-dir", required=True, help="output directory (resumed if it exists)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="start from this config (a run's config.json or a --print-config output) "
+        "instead of a preset; --set applies on top",
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="output directory (resumed if it exists; required to train)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -75,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if message := _repeated(args.overrides):
             print(message, file=sys.stderr)
-        config = preset(args.preset, args.overrides)
+        if args.config is not None:
+            config = _load_config(args.config, args.overrides)
+        else:
+            config = preset(args.preset, args.overrides)
         faults()  # a malformed EQICL_FAULT is bad input too
         if args.print_config:
             print(config.to_json())
             return 0
+        if args.run_dir is None:
+            raise ConfigError("--run-dir is required to train (only --print-config works without)")
         result = run(config, args.run_dir, progress=not args.no_progress)
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
