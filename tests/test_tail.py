@@ -136,6 +136,16 @@ def test_summary_tail_fields():
     bad = eqicl.summarize(np.array([1.0, np.inf]))
     assert not bad["finite"] and math.isnan(bad["top_share"]) and bad["mean"] == math.inf
     assert eqicl.summarize(np.array([1.0, np.nan]))["mean"] == math.inf
+    # losses of 1e200 (squares overflow) and 1e307 (sums overflow): the statistics of the
+    # same numbers scaled down, finite where the numbers are
+    for big in (1e200, 1e307):
+        v = np.array([1.0, 2.0, big, big])
+        r = eqicl.summarize(v)
+        small = eqicl.summarize(v / big)
+        assert r["finite"] and math.isfinite(r["se"]) and math.isfinite(r["mean"])
+        assert r["mean"] == pytest.approx(small["mean"] * big, rel=1e-12)
+        assert r["se"] == pytest.approx(small["se"] * big, rel=1e-12)
+        assert r["top_share"] == pytest.approx(small["top_share"], rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -144,16 +144,23 @@ def summarize(losses, log_weights=None, top: float = 1e-3) -> dict[str, float | 
     w = np.ones(n) if log_weights is None else np.exp(np.asarray(log_weights, np.float64).ravel())
     contrib = w * v
     finite = bool(np.all(np.isfinite(contrib)))
+    # Contributions beyond ~1e154 overflow a sum of squares (and beyond ~1e302 a sum): then
+    # the same statistics are computed on contributions divided by the largest one.
+    scale = 1.0
+    if finite and n:
+        with np.errstate(over="ignore"):
+            if not (np.isfinite(contrib.sum()) and np.isfinite(np.sum(contrib * contrib))):
+                scale = float(np.max(np.abs(contrib)))
+    c = contrib / scale if scale != 1.0 else contrib
     if finite:
-        mean = float(contrib.mean()) if n else math.nan
-        with np.errstate(over="ignore"):  # contributions beyond ~1e154: the se is inf
-            se = float(contrib.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        mean = float(c.mean()) * scale if n else math.nan
+        se = float(c.std(ddof=1) / math.sqrt(n)) * scale if n > 1 else math.nan
     else:  # an overflowed sequence (inf, or NaN from inf − inf): the mean is inf
         mean, se = math.inf, math.nan
     k = max(1, math.ceil(top * n))
     if finite and n:
-        total = contrib.sum()
-        head = np.partition(contrib, n - k)[n - k :].sum() if k < n else total
+        total = c.sum()
+        head = np.partition(c, n - k)[n - k :].sum() if k < n else total
         share = float(head / total) if total > 0 else math.nan
     else:
         share = math.nan
