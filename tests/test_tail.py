@@ -30,7 +30,7 @@ def test_weights_are_the_density_ratio_and_bounded(sampler):
     )
     batch = 10
     # The token sampler exposes x and w; with scales the same key gives the same normals.
-    c, b = prop.scales(batch, F64)
+    c, b, _ = prop.scales(batch, F64)
     tok = eqicl.sample_batch(jr.key(3), TASK, batch, F64, x_scale=c, w_scale=b)
     x, w = np.asarray(tok.x), np.asarray(tok.w)
     counts = np.asarray(prop.counts(batch))
@@ -52,6 +52,63 @@ def test_weights_are_the_density_ratio_and_bounded(sampler):
     assert np.max(log_w) <= -math.log(0.4) + 1e-12  # shares[0] = 0.4 of 20,000: exact
     assert np.max(log_w) > -math.log(0.4) - 0.05  # typical sequences come close to the bound
     assert np.all(np.isfinite(np.asarray(st.s)))
+
+
+NOISY = eqicl.Proposal(
+    x_scales=(1.0, 1.2, 1.0),
+    w_scales=(1.0, 1.0, 1.0),
+    shares=(0.5, 0.25, 0.25),
+    e_scales=(1.0, 1.0, 1.6),
+)
+
+
+def test_noise_scaling_weights_are_the_density_ratio():
+    """With noise scales, log f/q also holds the ratio of the label noise's densities."""
+    batch = 12
+    c, b, a = NOISY.scales(batch, F64)
+    tok = eqicl.sample_batch(jr.key(13), TASK, batch, F64, x_scale=c, w_scale=b, e_scale=a)
+    x = np.asarray(tok.x)
+    e = np.asarray(eqicl.noise_draws(jr.key(13), TASK, batch, F64, a))
+    np.testing.assert_allclose(  # the noise it returns is the batch's
+        np.asarray(tok.y),
+        np.einsum("bnd,bd->bn", x, np.asarray(tok.w)) + np.asarray(tok.sigma)[:, None] * e,
+        rtol=1e-13,
+        atol=1e-13,
+    )
+    counts = np.asarray(NOISY.counts(batch))
+    log_f = _gauss_logpdf(x, 1.0, (1, 2)) + _gauss_logpdf(e, 1.0, (1,))
+    log_qk = np.stack(
+        [
+            _gauss_logpdf(x, cx, (1, 2)) + _gauss_logpdf(e, ca, (1,))
+            for cx, ca in zip(NOISY.x_scales, NOISY.e_scales, strict=True)
+        ]
+    )
+    want = -np.log(np.sum(counts[:, None] / batch * np.exp(log_qk - log_f), axis=0))
+    got = NOISY.log_weight(
+        jnp.asarray(np.sum(x**2, axis=(1, 2))),
+        jnp.asarray(np.sum(np.asarray(tok.w) ** 2, 1)),
+        N_,
+        D_,
+        jnp.asarray(np.sum(e**2, axis=1)),
+    )
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="sum_e2"):
+        NOISY.log_weight(jnp.ones(3), jnp.ones(3), N_, D_)
+    assert not eqicl.DEFAULT.scales_noise and eqicl.DEFAULT.e_scales == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("sampler", ["wishart", "tokens"])
+def test_noise_scaling_proposals_are_unbiased(sampler):
+    """E[f/q] = 1 and E λ = E Σy² = n(d + E σ²) under a proposal that scales the noise,
+    each within 4 standard errors, on both samplers; and it reaches larger Σy²."""
+    st, log_w = sample_weighted_stats(jr.key(14), TASK, 200_000, NOISY, F64, sampler)
+    s = np.asarray(st.s)
+    for values, want in ((np.ones(s.shape[-1]), 1.0), (s[D_, D_], N_ * (D_ + TASK.mean_sigma2))):
+        r = eqicl.summarize(values, log_w)
+        assert abs(r["mean"] - want) < 4 * r["se"] and r["se"] < 0.02 * want, (r, want)
+    # the noise is heavier: the largest λ (Σ y²) is far beyond plain sampling's
+    plain = np.asarray(sample_stats(jr.key(14), TASK, 200_000, F64, sampler).s)[D_, D_]
+    assert np.max(s[D_, D_]) > 1.2 * np.max(plain)
 
 
 def test_plain_proposal_draws_the_same_sequences():

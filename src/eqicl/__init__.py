@@ -72,6 +72,7 @@ from ._tail import (
 )
 from ._task import (
     Batch as Batch,
+    noise_draws as noise_draws,
     oracle_weights as oracle_weights,
     ridge as ridge,
     sample_batch as sample_batch,

@@ -35,7 +35,7 @@ from . import _kernel
 from ._config import TaskConfig
 from ._model import AbstractLinearAttention, LinearTransformer
 from ._tail import Proposal
-from ._task import Batch, sample_batch, sample_sigma
+from ._task import Batch, noise_draws, sample_batch, sample_sigma
 
 
 class Stats(eqx.Module):
@@ -299,15 +299,20 @@ def sample_weighted_stats(
 
 
 def _draw_stats(key, task, batch, dtype, sampler, proposal):
-    scales = (None, None) if proposal is None else proposal.scales(batch, dtype)
+    scales = (None, None, None) if proposal is None else proposal.scales(batch, dtype)
     if sampler == "tokens" or not _kernel.sampler_usable():
-        b = sample_batch(key, task, batch, dtype, x_scale=scales[0], w_scale=scales[1])
+        b = sample_batch(
+            key, task, batch, dtype, x_scale=scales[0], w_scale=scales[1], e_scale=scales[2]
+        )
         st = stats_from_batch(b)
         st = Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
         if proposal is None:
             return st, None
         sum_x2 = jnp.sum(b.x**2, axis=(1, 2))
-        return st, proposal.log_weight(sum_x2, jnp.sum(b.w**2, axis=-1), task.n, task.d)
+        sum_e2 = None
+        if proposal.scales_noise:
+            sum_e2 = jnp.sum(noise_draws(key, task, batch, dtype, scales[2]) ** 2, axis=-1)
+        return st, proposal.log_weight(sum_x2, jnp.sum(b.w**2, axis=-1), task.n, task.d, sum_e2)
     d, n = task.d, task.n
     kz, ks = jr.split(key)
     z, normals = _kernel.sample_wishart(kz, n, d + 1, batch, 2 * d, dtype)
@@ -317,9 +322,11 @@ def _draw_stats(key, task, batch, dtype, sampler, proposal):
     # λ = wᵀ Z_xx w + 2σ wᵀ z_xy + σ² z_yy (sums unrolled: batch-last multiply-adds).
     zxx, zxy, zyy = z[:d, :d], z[:d, d], z[d, d]
     if proposal is not None:
-        # x_i = c z_i scales Z_xx by c² and z_xy by c; w = b z_w.
-        c, b = scales
-        zxx, zxy, w = zxx * (c**2)[None, None], zxy * c[None], w * b[None]
+        # x_i = c z_i scales Z_xx by c² and z_xy by c; w = b z_w; ξ = a z_y scales z_xy by a
+        # and z_yy by a².
+        c, b, a = scales
+        zxx, zxy, w = zxx * (c**2)[None, None], zxy * (c * a)[None], w * b[None]
+        zyy = zyy * a**2
     zw = zxx[:, 0] * w[0][None]
     for j in range(1, d):
         zw = zw + zxx[:, j] * w[j][None]
@@ -332,7 +339,7 @@ def _draw_stats(key, task, batch, dtype, sampler, proposal):
     if proposal is None:
         return st, None
     sum_x2 = jnp.trace(zxx, axis1=0, axis2=1)
-    return st, proposal.log_weight(sum_x2, jnp.sum(w**2, axis=0), n, d)
+    return st, proposal.log_weight(sum_x2, jnp.sum(w**2, axis=0), n, d, zyy)
 
 
 # ---------------------------------------------------------------------------------------------

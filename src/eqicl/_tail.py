@@ -36,29 +36,37 @@ from ._config import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Proposal:
-    """A mixture proposal: component k scales the covariates by `x_scales[k]` and the task
-    vector by `w_scales[k]` and takes the share `shares[k]` of the sequences. Component 0
-    must be the task's own law (scales 1), so every weight is at most 1/shares[0]."""
+    """A mixture proposal: component k scales the covariates by `x_scales[k]`, the task
+    vector by `w_scales[k]` and the label noise ξ by `e_scales[k]` (default: all 1, the
+    noise keeps its law; σ_τ itself always does) and takes the share `shares[k]` of the
+    sequences. Component 0 must be the task's own law (scales 1), so every weight is at most
+    1/shares[0]."""
 
     x_scales: tuple[float, ...] = (1.0, 1.25, 1.5)
     w_scales: tuple[float, ...] = (1.0, 1.0, 1.25)
     shares: tuple[float, ...] = (0.5, 0.25, 0.25)
+    e_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
         k = len(self.shares)
-        if not (len(self.x_scales) == len(self.w_scales) == k) or k == 0:
+        if self.e_scales is None:
+            object.__setattr__(self, "e_scales", (1.0,) * k)
+        if not (len(self.x_scales) == len(self.w_scales) == len(self.e_scales) == k) or k == 0:
             raise ConfigError(
-                "a proposal needs as many x_scales, w_scales and shares "
-                f"({len(self.x_scales)}, {len(self.w_scales)}, {k})"
+                "a proposal needs as many x_scales, w_scales, e_scales and shares "
+                f"({len(self.x_scales)}, {len(self.w_scales)}, {len(self.e_scales)}, {k})"
             )
-        if self.x_scales[0] != 1.0 or self.w_scales[0] != 1.0:
+        if self.x_scales[0] != 1.0 or self.w_scales[0] != 1.0 or self.e_scales[0] != 1.0:
             raise ConfigError(
                 "a proposal's first component must be the task's law (x_scales[0] = "
-                f"w_scales[0] = 1), got {self.x_scales[0]}, {self.w_scales[0]}"
+                f"w_scales[0] = e_scales[0] = 1), got {self.x_scales[0]}, {self.w_scales[0]}, "
+                f"{self.e_scales[0]}"
             )
-        if any(not (1.0 <= c < math.inf) for c in (*self.x_scales, *self.w_scales)):
+        scales = (*self.x_scales, *self.w_scales, *self.e_scales)
+        if any(not (1.0 <= c < math.inf) for c in scales):
             raise ConfigError(
                 f"proposal scales must be finite and >= 1, got {self.x_scales}, {self.w_scales}"
+                f", {self.e_scales}"
             )
         if any(not (0 < s < math.inf) for s in self.shares) or not math.isclose(
             sum(self.shares), 1.0, rel_tol=1e-9
@@ -84,12 +92,20 @@ class Proposal:
         and so on (which sequences get which is irrelevant: they are exchangeable)."""
         return jnp.asarray(np.repeat(np.arange(len(self.shares)), self.counts(batch)), jnp.int32)
 
-    def scales(self, batch: int, dtype) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
-        """(x scale, w scale) of every sequence of a batch."""
+    @property
+    def scales_noise(self) -> bool:
+        """True if some component scales the label noise."""
+        return any(a != 1.0 for a in self.e_scales)
+
+    def scales(
+        self, batch: int, dtype
+    ) -> tuple[Float[Array, " batch"], Float[Array, " batch"], Float[Array, " batch"]]:
+        """(x scale, w scale, noise scale) of every sequence of a batch."""
         k = self.component(batch)
         return (
             jnp.asarray(self.x_scales, dtype)[k],
             jnp.asarray(self.w_scales, dtype)[k],
+            jnp.asarray(self.e_scales, dtype)[k],
         )
 
     def log_weight(
@@ -98,9 +114,12 @@ class Proposal:
         sum_w2: Float[Array, " batch"],
         n: int,
         d: int,
+        sum_e2: Float[Array, " batch"] | None = None,
     ) -> Float[Array, " batch"]:
-        """log f/q of every sequence from tr(XᵀX) (`sum_x2`, the n context covariates) and
-        ‖w‖² (`sum_w2`), for a batch of `sum_x2.shape[0]` sequences drawn by `scales`."""
+        """log f/q of every sequence from tr(XᵀX) (`sum_x2`, the n context covariates), ‖w‖²
+        (`sum_w2`) and ‖ξ‖² (`sum_e2`, the n standard-normal noise draws as scaled; needed
+        when the proposal scales the noise), for a batch of `sum_x2.shape[0]` sequences drawn
+        by `scales`."""
         batch = sum_x2.shape[0]
         dt = sum_x2.dtype
         share = jnp.asarray(np.asarray(self.counts(batch), np.float64) / batch, dt)
@@ -112,6 +131,13 @@ class Proposal:
             - d * jnp.log(b)[:, None]
             + (1 - b**-2)[:, None] * sum_w2[None] / 2
         )  # (components, batch): log q_k/f
+        if self.scales_noise:
+            if sum_e2 is None:
+                raise ValueError("a proposal that scales the noise needs sum_e2")
+            a = jnp.asarray(self.e_scales, dt)
+            log_ratio = (
+                log_ratio - n * jnp.log(a)[:, None] + (1 - a**-2)[:, None] * sum_e2[None] / 2
+            )
         present = share > 0
         terms = jnp.where(
             present[:, None], jnp.log(jnp.where(present, share, 1.0))[:, None], -jnp.inf

@@ -53,12 +53,14 @@ def sample_batch(
     sigma: Float[Array, " batch"] | None = None,
     x_scale: Float[Array, " batch"] | None = None,
     w_scale: Float[Array, " batch"] | None = None,
+    e_scale: Float[Array, " batch"] | None = None,
 ) -> Batch:
     """Sample `batch` sequences: w ~ N(0, I), x_i, x_t ~ N(0, I), y_i = <w, x_i> + σ ξ_i,
     y_t = <w, x_t> (noiseless). Pass `sigma` to fix each sequence's noise level instead of
     drawing it from the task (per-variance profiles). `x_scale` / `w_scale` multiply each
     sequence's context covariates / task vector (an importance-sampling proposal,
-    `eqicl.Proposal`; the query keeps its law); scale 1 gives the same sequences as none."""
+    `eqicl.Proposal`; the query keeps its law), `e_scale` its standard-normal label noise ξ;
+    scale 1 gives the same sequences as none. `noise_draws` gives the ξ of such a batch."""
     kw, kx, kq, kn, ks = jr.split(key, 5)
     w = jr.normal(kw, (batch, task.d), dtype)
     x = jr.normal(kx, (batch, task.n, task.d), dtype)
@@ -71,10 +73,24 @@ def sample_batch(
         sigma = sample_sigma(ks, task, batch, dtype)
     else:
         sigma = jnp.broadcast_to(jnp.asarray(sigma, dtype), (batch,))
-    noise = jr.normal(kn, (batch, task.n), dtype)
+    noise = noise_draws(key, task, batch, dtype, e_scale)
     y = jnp.einsum("bnd,bd->bn", x, w) + sigma[:, None] * noise
     yq = jnp.einsum("bd,bd->b", xq, w)
     return Batch(x=x, y=y, xq=xq, yq=yq, w=w, sigma=sigma)
+
+
+def noise_draws(
+    key: PRNGKeyArray,
+    task: TaskConfig,
+    batch: int,
+    dtype=jnp.float32,
+    e_scale: Float[Array, " batch"] | None = None,
+) -> Float[Array, "batch n"]:
+    """The label noise ξ (before σ_τ multiplies it) of `sample_batch(key, ...)`'s sequences:
+    what an importance weight of a noise-scaling proposal needs (σ_τ can be 0)."""
+    kn = jr.split(key, 5)[3]
+    noise = jr.normal(kn, (batch, task.n), dtype)
+    return noise if e_scale is None else noise * e_scale[:, None]
 
 
 # `sample_batch` compiled as one program, for evaluation (which samples outside any jit).
