@@ -317,3 +317,29 @@ def test_reeval_scores_committed_weights_on_a_new_draw(tmp_path, capsys):
         code = main([*args, *bad])
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_a_model_and_the_baselines_on_ones_own_batch():
+    """eqicl.score: on a fixed-σ task ConstRR's tuned λ is the oracle's σ² and its adjusted
+    loss near 0; noiseless, OLS is exact (adjusted loss 0); the model's losses after every
+    layer are its exact losses on that batch."""
+    fixed = eqicl.TaskConfig(noise="fixed", sigma=1.0)
+    batch = eqicl.sample_batch(jr.key(21), fixed, 20_000, F64)
+    tune = eqicl.sample_batch(jr.key(22), fixed, 20_000, F64)
+    r = eqicl.score(None, batch, tune_on=tune)
+    assert r["tuned"].const_lambda == pytest.approx(1.0, rel=0.05)
+    assert r["baselines"]["constrr"]["mean"] < 1e-3 * r["baselines"]["ols"]["mean"]
+    assert "model" not in r
+    clean = eqicl.sample_batch(
+        jr.key(23), eqicl.TaskConfig(noise="uniform", sigma_max=0.0), 500, F64
+    )
+    assert eqicl.score(None, clean)["baselines"]["ols"]["mean"] < 1e-18
+    config = eqicl.preset("tiny")
+    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+    small = eqicl.sample_batch(jr.key(24), config.task, 300, F64)
+    got = eqicl.score(model, small)["model"]
+    from eqicl._evaluate import cast
+
+    want = np.asarray(eqicl.model_exact_losses(cast(model, F64), small, eqicl.spectral(small)))
+    assert len(got) == config.model.layers
+    np.testing.assert_allclose([g["mean"] for g in got], want.mean(axis=0), rtol=1e-12)

@@ -62,7 +62,7 @@ from ._run import (
     read_run_config as read_run_config,
     run as run,
 )
-from ._score import score_models as score_models
+from ._score import score as score, score_models as score_models
 from ._tail import (
     DEFAULT as DEFAULT,
     PLAIN as PLAIN,

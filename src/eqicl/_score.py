@@ -181,3 +181,39 @@ def _ratio(value: float, row: dict) -> float:
     if not math.isfinite(value):
         return math.inf
     return value / paper if paper > 0 else value
+
+
+def score(model: LinearTransformer | None, batch, tune_on=None, gd_steps: int | None = None):
+    """A model and the baselines on a batch of one's own (`eqicl.Batch`, e.g. from
+    `eqicl.sample_batch` or a custom sampler), in one call: `{"model": [summary after every
+    layer], "baselines": {method: summary}, "tuned": TunedBaselines}`, each summary an
+    `eqicl.summarize` dict of the exact adjusted loss ½‖ŵ − μ‖² (SPEC §5: the loss over the
+    query in closed form, minus the oracle's). The tuned baselines (ConstRR, TunedRR, GD with
+    a tuned step) are fitted on `tune_on` (another batch of the same law), or on `batch`
+    itself if None, which flatters them slightly. `gd_steps`: GD's step count (default: the
+    model's depth, else 1). `model=None` scores the baselines only."""
+    import jax
+    import numpy as np
+
+    from ._baselines import exact_loss, spectral, tune_baselines
+    from ._evaluate import cast, eval_dtype, model_exact_losses
+    from ._tail import summarize
+
+    dt = eval_dtype()
+    batch = jax.tree.map(lambda a: a.astype(dt) if hasattr(a, "astype") else a, batch)
+    sp = spectral(batch)
+    steps = gd_steps or (model.num_layers if model is not None else 1)
+    tune_sp = (
+        sp
+        if tune_on is None
+        else spectral(jax.tree.map(lambda a: a.astype(dt) if hasattr(a, "astype") else a, tune_on))
+    )
+    tuned = tune_baselines(tune_sp, gd_steps=steps)
+    out = {"tuned": tuned, "baselines": {}}
+    for name, coords in tuned.coords(sp).items():
+        if name != "oracle":
+            out["baselines"][name] = summarize(np.asarray(exact_loss(sp, coords)))
+    if model is not None:
+        losses = np.asarray(model_exact_losses(cast(model, dt), batch, sp))  # (batch, layers)
+        out["model"] = [summarize(losses[:, k]) for k in range(losses.shape[1])]
+    return out
