@@ -656,6 +656,41 @@ def test_unsound_validation_estimates():
     assert unsound({**est, "finite": False}) == "not finite on validation"
 
 
+def test_a_sound_candidate_wins_over_an_unsound_one_with_a_lower_loss(tmp_path):
+    """The rerun's bug: a cell's tail stage trained a sound candidate because the earlier
+    ones explode on validation, and then polish and the merge took an exploding one again
+    for its lower validation mean. Every choice ranks sound candidates first."""
+    from eqicl._evaluate import selection_keys
+    from eqicl._sweep import _best_source, validation_key
+
+    est = {"finite": True, "mean": 0.1, "top_share": 0.02, "max": 3.0}
+    keys = selection_keys([{**est, "max": 2e7}, {**est, "mean": 0.2}, {**est, "mean": math.nan}])
+    assert keys == [(True, 0.1), (False, 0.2), (True, math.inf)]
+    assert min(range(3), key=lambda k: keys[k]) == 1
+
+    cell = Cell("diag", 3, "6")
+
+    def record(name, loss, sound):
+        d = tmp_path / name / "cells"
+        d.mkdir(parents=True)
+        selection = {"losses": [loss], "best": 0}
+        if sound is not None:
+            selection["sound"] = [sound]
+        (d / f"{cell.name}.json").write_text(json.dumps({"selection": selection}))
+        return tmp_path / name
+
+    cold, tail, old = (
+        record("cold", 0.114, False),
+        record("tail", 0.152, True),
+        record("old", 0.13, None),
+    )
+    assert validation_key(cold, cell) == (True, 0.114)
+    assert validation_key(old, cell) == (False, 0.13)  # recorded before soundness: sound
+    assert _best_source([cold, tail], cell) == tail
+    assert _best_source([cold, tail, old], cell) == old
+    assert _best_source([cold], cell) == cold  # unsound, but the only one
+
+
 def test_figure5_cells_train_five_seeds_and_record_each(tmp_path):
     """At sigma_max = 5 the recipe trains 5 seeds (Figure 5's bands), keeps the best by
     validation loss and records every seed's test estimate; elsewhere one seed."""

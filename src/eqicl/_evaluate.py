@@ -195,6 +195,42 @@ def select_estimates(models: LinearTransformer, config: Config) -> list[dict]:
     return [est[str(i)][-1] for i in range(len(members))]
 
 
+# A per-sequence loss this large on validation means the model explodes within the proposal's
+# reach: predicting zero costs ½(w·x_t)², a few units on any validation sequence.
+EXPLODED_LOSS = 1000.0
+
+
+def unsound(estimate: dict) -> str | None:
+    """Why a validation estimate (an `eqicl.summarize` dict) says its model is unsound: not
+    finite; carried by a few sequences (the top 0.1 % carries at least half the mean and the
+    largest loss is at least 0.5, as `analysis.reeval` judges a test estimate); or exploding
+    on some sequence (a loss of at least `EXPLODED_LOSS`, even where its importance weight
+    makes its share small: plain test draws of millions reach such sequences). None if it is
+    sound."""
+    if not (estimate["finite"] and math.isfinite(estimate["mean"])):
+        return "not finite on validation"
+    if estimate["top_share"] >= 0.5 and estimate["max"] >= 0.5:
+        return (
+            f"the top 0.1 % carries {estimate['top_share']:.0%} of its validation loss "
+            f"{estimate['mean']:.4g}, largest loss {estimate['max']:.3g}"
+        )
+    if estimate["max"] >= EXPLODED_LOSS:
+        return f"a validation sequence has loss {estimate['max']:.3g}"
+    return None
+
+
+def selection_keys(estimates: list[dict]) -> list[tuple[bool, float]]:
+    """How every choice between candidates ranks them (seeds, starts, polish, passes): a
+    sound candidate (`unsound` is None) before any unsound one, then by validation mean
+    (non-finite: inf). A candidate that explodes on validation never wins by a lower mean
+    over a sound one; among unsound ones the lower mean still wins."""
+    out = []
+    for e in estimates:
+        mean = float(e["mean"])
+        out.append((unsound(e) is not None, mean if math.isfinite(mean) else math.inf))
+    return out
+
+
 def select_losses(models: LinearTransformer, config: Config) -> Float[Array, " members"]:
     """The means of `select_estimates`: the best-of-seeds selection (and every choice between
     candidates in the sweep), which no candidate can win by being good on typical sequences

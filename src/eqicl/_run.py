@@ -37,7 +37,14 @@ import numpy as np
 
 from . import _faults
 from ._config import Config, ConfigError, TrainConfig
-from ._evaluate import _member, cast, eval_dtype, evaluate as evaluate_model, select_losses
+from ._evaluate import (
+    _member,
+    cast,
+    eval_dtype,
+    evaluate as evaluate_model,
+    select_estimates,
+    selection_keys,
+)
 from ._limits import check_resources
 from ._parallel import num_devices
 from ._train import TrainState, append_jsonl, init_ensemble, train_loop
@@ -983,12 +990,16 @@ def finish(
     tc = config.train
     eval_path = path / "eval.json"
     # select_losses samples in the evaluation dtype; the model must match it (strict promotion).
-    losses = np.asarray(select_losses(cast(state.model, eval_dtype()), config), np.float64)
+    keys = selection_keys(select_estimates(cast(state.model, eval_dtype()), config))
+    losses = np.asarray([loss for _, loss in keys], np.float64)
     gave_up = np.asarray(state.rollbacks) > tc.max_rollbacks
     usable = np.isfinite(losses) & ~gave_up
+    # A sound seed (eqicl._evaluate.unsound) before an unsound one, then the lower loss.
+    ranked = sorted(range(len(keys)), key=lambda k: (not usable[k], keys[k]))
     selection = {
         "losses": [float(v) for v in losses],
-        "best": int(np.argmin(np.where(usable, losses, np.inf))),
+        "sound": [not bad for bad, _ in keys],
+        "best": int(ranked[0]),
         "lr_scale": [float(v) for v in np.asarray(state.lr_scale)],
         "rollbacks": [int(v) for v in np.asarray(state.rollbacks)],
         "given_up": [int(m) for m in np.flatnonzero(gave_up)],

@@ -27,7 +27,13 @@ from types import MappingProxyType
 from typing import Any
 
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
-from ._evaluate import evaluate_baselines, reuse_test_data
+from ._evaluate import (  # noqa: F401  (EXPLODED_LOSS, unsound: part of this module's API)
+    EXPLODED_LOSS,
+    evaluate_baselines,
+    reuse_test_data,
+    selection_keys,
+    unsound,
+)
 from ._paper import paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
@@ -230,9 +236,15 @@ def start_losses(paths: Sequence[pathlib.Path], config: Config) -> list[float]:
     it or a loss that is not finite. The sequences are drawn in the evaluation dtype, so this
     needs x64 on (as eqicl's commands set it, and as the recorded losses were computed): in
     float32 they would be other sequences, not comparable."""
+    return [loss for _, loss in start_keys(paths, config)]
+
+
+def start_keys(paths: Sequence[pathlib.Path], config: Config) -> list[tuple[bool, float]]:
+    """`start_losses` with each start's soundness, as every choice ranks candidates
+    (`eqicl._evaluate.selection_keys`); (True, inf) for a file that cannot start the model."""
     import jax
 
-    from ._evaluate import select_losses
+    from ._evaluate import select_estimates
     from ._model import WeightsError
 
     if not jax.config.read("jax_enable_x64"):
@@ -240,7 +252,7 @@ def start_losses(paths: Sequence[pathlib.Path], config: Config) -> list[float]:
             "scoring a start needs jax_enable_x64 (eqicl._cli.setup_jax turns it on): the "
             "recorded validation losses were computed on float64 sequences"
         )
-    out, models, index = [math.inf] * len(paths), [], []
+    out, models, index = [(True, math.inf)] * len(paths), [], []
     for i, path in enumerate(paths):
         try:
             models.append(start_model(path, config))
@@ -248,9 +260,9 @@ def start_losses(paths: Sequence[pathlib.Path], config: Config) -> list[float]:
             continue
         index.append(i)
     if models:  # one ensemble: every start in the run's units, so the same static structure
-        losses = select_losses(_stack(models), config)
-        for i, loss in zip(index, losses.tolist(), strict=True):
-            out[i] = loss if math.isfinite(loss) else math.inf
+        keys = selection_keys(select_estimates(_stack(models), config))
+        for i, key in zip(index, keys, strict=True):
+            out[i] = key
     return out
 
 
@@ -291,7 +303,7 @@ def warm_start(
         return True
 
     scored = [
-        (path, validation_loss(where, cand))
+        (path, validation_key(where, cand))
         for cand in start_candidates(cell)
         for where in (paper_dir, *also)
         if (path := weights_path(where, cand)).is_file() and can_start(path)
@@ -299,9 +311,9 @@ def warm_start(
     if across_noise and config is not None:
         paths = [weights_path(where, cand) for cand in neighbour_candidates(cell) for where in also]
         paths = [p for p in paths if p.is_file()]
-        scored += zip(paths, start_losses(paths, config), strict=True)
-    best, loss = min(scored, key=lambda s: s[1], default=(None, math.inf))
-    return best if math.isfinite(loss) else None
+        scored += zip(paths, start_keys(paths, config), strict=True)
+    best, key = min(scored, key=lambda s: s[1], default=(None, (True, math.inf)))
+    return best if math.isfinite(key[1]) else None
 
 
 def start_name(path: pathlib.Path | str) -> str:
@@ -801,30 +813,6 @@ def _train_stage(
     return out
 
 
-# A per-sequence loss this large on validation means the model explodes within the proposal's
-# reach: predicting zero costs ½(w·x_t)², a few units on any validation sequence.
-EXPLODED_LOSS = 1000.0
-
-
-def unsound(estimate: dict) -> str | None:
-    """Why a validation estimate (an `eqicl.summarize` dict) says its model is unsound: not
-    finite; carried by a few sequences (the top 0.1 % carries at least half the mean and the
-    largest loss is at least 0.5, as `analysis.reeval` judges a test estimate); or exploding
-    on some sequence (a loss of at least `EXPLODED_LOSS`, even where its importance weight
-    makes its share small: plain test draws of millions reach such sequences). None if it is
-    sound."""
-    if not (estimate["finite"] and math.isfinite(estimate["mean"])):
-        return "not finite on validation"
-    if estimate["top_share"] >= 0.5 and estimate["max"] >= 0.5:
-        return (
-            f"the top 0.1 % carries {estimate['top_share']:.0%} of its validation loss "
-            f"{estimate['mean']:.4g}, largest loss {estimate['max']:.3g}"
-        )
-    if estimate["max"] >= EXPLODED_LOSS:
-        return f"a validation sequence has loss {estimate['max']:.3g}"
-    return None
-
-
 def _best_so_far(stage_dirs: Sequence[pathlib.Path], cell: Cell, config: Config) -> dict | None:
     """For a stage that trains only unsound cells: None if the cell's best candidate of the
     stages `stage_dirs` (as the table takes it) is unsound on its validation sequences, or
@@ -869,6 +857,19 @@ def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
+def validation_key(paper_dir: pathlib.Path, cell: Cell) -> tuple[bool, float]:
+    """How a recorded candidate ranks against the others (`eqicl._evaluate.selection_keys`):
+    (unsound on validation, `validation_loss`). Records from before soundness was recorded
+    count as sound."""
+    loss = validation_loss(paper_dir, cell)
+    try:
+        selection = json.loads((paper_dir / "cells" / f"{cell.name}.json").read_text())["selection"]
+        bad = not bool(selection["sound"][selection["best"]])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        bad = False
+    return (bad or not math.isfinite(loss), loss)
+
+
 def _validated_by(paper_dir: pathlib.Path, cell: Cell) -> str | None:
     """How a recorded candidate's validation loss was estimated, from the config in its cell
     file: "plain N" (eqicl before the tail-aware selection), "tail-aware N (proposal)" with
@@ -909,8 +910,11 @@ def merge_choices(
                 + ", ".join(f"{k}: {v}" for k, v in how.items())
                 + "), so they cannot be compared; rerun the stages with one version of eqicl"
             )
-        losses = {p: validation_loss(p, cell) if cell in tables[p] else math.inf for p in passes}
-        best = min(passes, key=lambda p: losses[p])
+        keys = {
+            p: validation_key(p, cell) if cell in tables[p] else (True, math.inf) for p in passes
+        }
+        losses = {p: keys[p][1] for p in passes}
+        best = min(passes, key=lambda p: keys[p])  # sound before unsound, then the lower loss
         if not math.isfinite(losses[best]):
             best = next(p for p in passes if cell in tables[p])  # all failed: say so
         choices.append((cell, best, losses))
@@ -978,7 +982,7 @@ def _polish_stage(
     import jax.random as jr
     import numpy as np
 
-    from ._evaluate import cast, eval_dtype, evaluate, select_losses
+    from ._evaluate import cast, eval_dtype, evaluate, select_estimates
     from ._model import save_weights
     from ._polish import perturb, polish
     from ._task import prng_key
@@ -1028,14 +1032,15 @@ def _polish_stage(
                     if path.is_file():
                         candidates.append(start_model(path, config, eval_dtype()))
                         names.append(start_name(path))
-                losses = np.asarray(select_losses(_stack(candidates), config), np.float64)
-                losses = np.where(np.isfinite(losses), losses, np.inf)
-                best = int(np.argmin(losses))
+                keys = selection_keys(select_estimates(_stack(candidates), config))
+                losses = np.asarray([loss for _, loss in keys], np.float64)
+                best = min(range(len(keys)), key=lambda k: keys[k])  # sound first
                 train_seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 result = evaluate(candidates[best], config, baselines=False)
                 selection = {
                     "losses": [float(v) for v in losses],
+                    "sound": [not bad for bad, _ in keys],
                     "best": best,
                     "candidates": names,
                 }
@@ -1221,9 +1226,9 @@ def stage_dir(paper_dir: pathlib.Path, stage: Stage) -> pathlib.Path:
 def _best_source(stage_dirs: Sequence[pathlib.Path], cell: Cell) -> pathlib.Path | None:
     """The stage directory holding the cell's best recorded candidate by validation loss
     (ties to the earlier stage; None if no stage has a finite one), as the table takes it."""
-    losses = [(validation_loss(d, cell), d) for d in stage_dirs]
-    best = min(losses, key=lambda t: t[0], default=(math.inf, None))
-    return best[1] if math.isfinite(best[0]) else None
+    keys = [(validation_key(d, cell), d) for d in stage_dirs]
+    best = min(keys, key=lambda t: t[0], default=((True, math.inf), None))
+    return best[1] if math.isfinite(best[0][1]) else None
 
 
 def run_recipe(
