@@ -892,7 +892,8 @@ def merge_choices(
     passes: Sequence[pathlib.Path],
 ) -> tuple[dict[pathlib.Path, dict[Cell, dict]], list[tuple[Cell, pathlib.Path, dict]]]:
     """What `merge` takes, without writing anything: the passes' tables, and for every cell
-    recorded in any of them, the pass with the lowest validation loss (ties to the earlier
+    recorded in any of them, the pass whose candidate ranks first (`validation_key`: sound
+    on validation before unsound, then the lower validation loss; ties to the earlier
     pass; a cell failed everywhere comes from the first pass that has it) and the losses."""
     tables = {}
     for p in passes:
@@ -978,7 +979,8 @@ def _polish_stage(
     The best on the cell's validation sequences is evaluated and recorded like a trained
     cell (`init` names the source, `steps` the L-BFGS iterations; its cell file lists the
     candidates and their validation losses). The starting weights are a candidate, so a
-    cell never gets worse on validation. Recorded cells are skipped unless `force`."""
+    cell never gets worse by the ranking (`selection_keys`: sound first, then the mean).
+    Recorded cells are skipped unless `force`."""
     import jax.random as jr
     import numpy as np
 
