@@ -646,7 +646,7 @@ def test_the_tail_stage_trains_only_cells_unsound_on_validation(tmp_path):
 
 
 def test_unsound_validation_estimates():
-    from eqicl._sweep import unsound
+    from eqicl._evaluate import unsound
 
     est = {"finite": True, "mean": 0.1, "top_share": 0.02, "max": 3.0}
     assert unsound(est) is None

@@ -231,13 +231,6 @@ def selection_keys(estimates: list[dict]) -> list[tuple[bool, float]]:
     return out
 
 
-def select_losses(models: LinearTransformer, config: Config) -> Float[Array, " members"]:
-    """The means of `select_estimates`: the best-of-seeds selection (and every choice between
-    candidates in the sweep), which no candidate can win by being good on typical sequences
-    only."""
-    return jnp.asarray([e["mean"] for e in select_estimates(models, config)])
-
-
 def _num_members(models) -> int:
     return jax.tree.leaves(eqx.filter(models, eqx.is_array))[0].shape[0]
 

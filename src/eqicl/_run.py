@@ -989,17 +989,16 @@ def finish(
     whose numbers are not sane (`sanity`) as suspect, with its numbers and the reason."""
     tc = config.train
     eval_path = path / "eval.json"
-    # select_losses samples in the evaluation dtype; the model must match it (strict promotion).
+    # The selection samples in the evaluation dtype; the model must match it (strict promotion).
     keys = selection_keys(select_estimates(cast(state.model, eval_dtype()), config))
     losses = np.asarray([loss for _, loss in keys], np.float64)
     gave_up = np.asarray(state.rollbacks) > tc.max_rollbacks
     usable = np.isfinite(losses) & ~gave_up
-    # A sound seed (eqicl._evaluate.unsound) before an unsound one, then the lower loss.
-    ranked = sorted(range(len(keys)), key=lambda k: (not usable[k], keys[k]))
     selection = {
         "losses": [float(v) for v in losses],
         "sound": [not bad for bad, _ in keys],
-        "best": int(ranked[0]),
+        # A usable seed first, then a sound one (eqicl._evaluate.unsound), then the lower loss.
+        "best": min(range(len(keys)), key=lambda k: (not usable[k], keys[k])),
         "lr_scale": [float(v) for v in np.asarray(state.lr_scale)],
         "rollbacks": [int(v) for v in np.asarray(state.rollbacks)],
         "given_up": [int(m) for m in np.flatnonzero(gave_up)],

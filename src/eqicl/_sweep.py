@@ -27,13 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
-from ._evaluate import (  # noqa: F401  (EXPLODED_LOSS, unsound: part of this module's API)
-    EXPLODED_LOSS,
-    evaluate_baselines,
-    reuse_test_data,
-    selection_keys,
-    unsound,
-)
+from ._evaluate import evaluate_baselines, reuse_test_data, selection_keys, unsound
 from ._paper import paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
@@ -845,29 +839,35 @@ def record_skipped(paper_dir: pathlib.Path, cell: Cell, config: Config, verdict:
         )
 
 
-def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
-    """A recorded cell's validation loss (its selected seed's loss on the held-out selection
-    sequences, which depend only on the task and `eval.seed`); inf if not recorded or failed."""
+def _recorded_selection(paper_dir: pathlib.Path, cell: Cell) -> tuple[float, bool]:
+    """A recorded cell's selected seed's validation loss (inf if not recorded, failed or not
+    finite) and whether it was sound on validation (`selection.sound`; records from before
+    soundness was recorded count as sound), from one read of its cell file."""
     path = paper_dir / "cells" / f"{cell.name}.json"
     try:
         selection = json.loads(path.read_text())["selection"]
-        loss = float(selection["losses"][selection["best"]])
+        best = selection["best"]
+        loss = float(selection["losses"][best])
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        return math.inf
-    return loss if math.isfinite(loss) else math.inf
+        return math.inf, False
+    try:
+        sound = bool(selection["sound"][best])
+    except (KeyError, TypeError, IndexError):
+        sound = True
+    return (loss if math.isfinite(loss) else math.inf), sound
+
+
+def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
+    """A recorded cell's validation loss (its selected seed's loss on the held-out selection
+    sequences, which depend only on the task and `eval.seed`); inf if not recorded or failed."""
+    return _recorded_selection(paper_dir, cell)[0]
 
 
 def validation_key(paper_dir: pathlib.Path, cell: Cell) -> tuple[bool, float]:
     """How a recorded candidate ranks against the others (`eqicl._evaluate.selection_keys`):
-    (unsound on validation, `validation_loss`). Records from before soundness was recorded
-    count as sound."""
-    loss = validation_loss(paper_dir, cell)
-    try:
-        selection = json.loads((paper_dir / "cells" / f"{cell.name}.json").read_text())["selection"]
-        bad = not bool(selection["sound"][selection["best"]])
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
-        bad = False
-    return (bad or not math.isfinite(loss), loss)
+    (unsound on validation or not recorded, `validation_loss`)."""
+    loss, sound = _recorded_selection(paper_dir, cell)
+    return (not sound or not math.isfinite(loss), loss)
 
 
 def _validated_by(paper_dir: pathlib.Path, cell: Cell) -> str | None:
