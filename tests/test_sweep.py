@@ -526,6 +526,30 @@ def _fake_candidate(d, cell, val, test, tag, config_eval=None):
     return row
 
 
+def test_the_table_and_the_listing_take_a_sound_candidate_over_an_unsound_one(tmp_path):
+    """The merge and `--list` rank as every choice does: cold's DIAG candidate has the lower
+    validation loss but is unsound on validation, so the table takes warm's, and the listing
+    says so (it named the lower loss's stage, not the table's pick)."""
+    from eqicl._sweep import _write_csv
+
+    cell = Cell("diag", 2, "3")
+    recipe = Recipe((Train("cold"), Train("warm", warm=True, starts_from=("cold",))))
+    paper = tmp_path / "paper"
+    for name, (val, test) in {"cold": (0.1, 0.9), "warm": (0.2, 0.05)}.items():
+        d = stage_dir(paper, recipe.stage(name))
+        _write_csv(
+            d / "table1.csv", eqicl._sweep.TABLE_FIELDS, [_fake_candidate(d, cell, val, test, name)]
+        )
+    path = stage_dir(paper, recipe.stage("cold")) / "cells" / f"{cell.name}.json"
+    data = json.loads(path.read_text())
+    data["selection"]["sound"] = [True, False]
+    path.write_text(json.dumps(data))
+    (line,) = listing([cell], paper, None, 1, [], recipe)
+    assert line.split()[1:4] == ["cold=0.1(unsound)", "warm=0.2", "table=warm"]
+    assert assemble(paper, recipe) == {"cold": 0, "warm": 1}
+    assert float(read_table(paper / "table1.csv")[cell]["exact"]) == 0.05
+
+
 def test_the_table_is_each_cells_best_candidate_by_validation_loss(tmp_path, capsys):
     """Cell by cell the lower validation loss wins (never the test loss); its row, cell file
     and weights are copied and the row names the stage; a stage missing a cell does not

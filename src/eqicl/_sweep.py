@@ -1322,7 +1322,8 @@ def listing(
     extra: Sequence[str],
     recipe: Recipe | None = None,
 ) -> list[str]:
-    """One line per cell: each stage's candidate (its validation loss; `to run`, `waits` for
+    """One line per cell: each stage's candidate (its validation loss, `(unsound)` if it is
+    unsound on validation; `to run`, `waits` for
     unrecorded inputs, or `-` where the stage does not cover the cell) and the stage the
     table takes (`table=<stage>`); a recorded Adam candidate whose steps, lr or seeds differ
     from what is asked now says so. Reads only."""
@@ -1330,7 +1331,7 @@ def listing(
     tables = {st.name: read_table(stage_dir(paper_dir, st) / "table1.csv") for st in recipe.stages}
     lines = []
     for cell in cells:
-        parts, best, best_loss = [], None, math.inf
+        parts, best, best_key = [], None, (True, math.inf)
         changed = []
         asked_now = {  # every stage's config, checked even where nothing is recorded
             st.name: cell_config(cell, steps, seeds, extra, settings=st.settings).train
@@ -1349,10 +1350,10 @@ def listing(
             if row["status"] == "skipped":
                 parts.append(f"{st.name}=not-needed")
                 continue
-            loss = validation_loss(stage_dir(paper_dir, st), cell)
-            parts.append(f"{st.name}={loss:.6g}")
-            if loss < best_loss:
-                best, best_loss = st.name, loss
+            key = validation_key(stage_dir(paper_dir, st), cell)
+            parts.append(f"{st.name}={key[1]:.6g}" + ("(unsound)" if key[0] else ""))
+            if key < best_key:  # the table's ranking: sound first, then the lower loss
+                best, best_key = st.name, key
             if isinstance(st, Train):
                 now = asked_now[st.name]
                 asked = {"steps": now.steps, "lr": now.lr, "seeds": now.seeds}
