@@ -143,11 +143,15 @@ def plot_training(metrics: list[dict], path: pathlib.Path) -> pathlib.Path:
     ax.set_ylabel("training loss (mean of a call)")
     if seeds:
         ax.legend(fontsize=7, ncol=2)
-    lr = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
-    if lr:
-        ax_lr.plot(*zip(*lr, strict=True), "k-", lw=1)
+    # Each seed's rate as used (a list per call); files written before that log one rate.
+    rates = [(m["step"], np.atleast_1d(m["lr"])) for m in metrics if "lr" in m]
+    for k in range(max((len(r) for _, r in rates), default=0)):
+        pts = [(s, r[k] if len(r) > k else r[0]) for s, r in rates]
+        ax_lr.plot(
+            *zip(*pts, strict=True), lw=1, label=f"seed {k}" if len(rates[0][1]) > 1 else None
+        )
     ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate (logged)")
+    ax_lr.set_ylabel("learning rate used (logged)")
     fig.suptitle("training curve (metrics.jsonl)")
     fig.tight_layout()
     return _save(fig, path)

@@ -37,6 +37,25 @@ def test_layer_weights_equal_the_token_forward_pass(kind):
     )
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_evaluation_takes_the_statistics_path_with_or_without_the_kernel(kernel, monkeypatch):
+    """eqicl.model_weights_and_predictions (every evaluation) computes wˡ from the statistics,
+    through the kernel or, where it does not apply (another backend, a mesh), through XLA,
+    the same path as training; either gives the token equation's weights and predictions."""
+    if not kernel:
+        monkeypatch.setattr(_fast._kernel, "usable", lambda: False)
+    elif not _fast._kernel.usable():
+        pytest.skip("the compiled kernel is not available here")
+    task = eqicl.TaskConfig(d=4, n=9, sigma_max=1.0)
+    model = _model("full", task, layers=3)
+    batch = eqicl.sample_batch(jr.key(2), task, 6, F64)
+    want = jax.vmap(model.implicit_weights)(batch.x, batch.y)
+    # A fresh function object, so that the patched `usable` is traced, not a cached program.
+    w, pred = eqicl.model_weights_and_predictions.__wrapped__(model, batch.x, batch.y, batch.xq)
+    np.testing.assert_allclose(w, want, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(pred, jnp.einsum("bld,bd->bl", want, batch.xq), rtol=1e-11)
+
+
 @pytest.mark.parametrize("kind", ["full", "diag", "gdpp"])
 @pytest.mark.parametrize("objective", ["exact", "sampled"])
 def test_loss_and_gradient_equal_the_token_formulation(kind, objective, monkeypatch):

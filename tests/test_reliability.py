@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import eqicl
-from eqicl import _run
+from eqicl import _checkpoint, _run
 from eqicl.train import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,9 +71,9 @@ def _train(jax_cache, run_dir, *overrides: str, fault: str = "") -> subprocess.C
 
 
 def _arrays(run_dir, config) -> list[np.ndarray]:
-    state = _run.restore_checkpoint(pathlib.Path(run_dir), config)
+    state = _checkpoint.restore_checkpoint(pathlib.Path(run_dir), config)
     assert state is not None
-    return _run._arrays(state)
+    return _checkpoint.state_arrays(state)
 
 
 def _result(run_dir) -> str:
@@ -146,18 +146,18 @@ def test_killed_at_any_moment_resumes_bitwise(jax_cache, reference, tmp_path):
     assert "20.orbax-checkpoint-tmp is a checkpoint whose writer was killed" in p.stderr
     assert "taking over" in p.stdout  # the lock of the killed trainer
     assert (run_dir / "corrupt" / "20.orbax-checkpoint-tmp").is_dir()
-    assert _run._checkpoint_steps(run_dir) == [20]
+    assert _checkpoint.checkpoint_steps(run_dir) == [20]
 
     p = _train(jax_cache, run_dir, fault="term@30")
     assert p.returncode == 143, p.stderr
     assert "resuming" in p.stdout and "from step 20" in p.stdout
     assert "SIGTERM received: saving a checkpoint" in p.stdout
-    assert _run._checkpoint_steps(run_dir) == [30, 20]  # saved on SIGTERM, off schedule
+    assert _checkpoint.checkpoint_steps(run_dir) == [30, 20]  # saved on SIGTERM, off schedule
 
     p = _train(jax_cache, run_dir)
     assert p.returncode == 0, p.stderr
     assert "from step 30" in p.stdout
-    assert _run._checkpoint_steps(run_dir) == [40, 20]  # 30 pruned: 40 supersedes it
+    assert _checkpoint.checkpoint_steps(run_dir) == [40, 20]  # 30 pruned: 40 supersedes it
     for got, want in zip(_arrays(run_dir, config), _arrays(reference, config), strict=True):
         np.testing.assert_array_equal(got, want)
     assert _result(run_dir) == _result(reference)
@@ -199,9 +199,9 @@ def _fresh(run_dir, config, state=None, steps=(0,)) -> None:
     """A run directory holding `config` and checkpoints of `state` at `steps` (no training)."""
     path = _run.prepare_run_dir(run_dir, config)
     state = eqicl.init_ensemble(config) if state is None else state
-    manager = _run.checkpoint_manager(path)
+    manager = _checkpoint.checkpoint_manager(path)
     for s in steps:
-        _run.save_checkpoint(
+        _checkpoint.save_checkpoint(
             manager, eqx.tree_at(lambda t: t.step, state, jnp.full_like(state.step, s))
         )
     manager.close()
@@ -375,14 +375,16 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(damage, tmp_path):
     run_dir = tmp_path / "run"
     damage(run_dir / "checkpoints" / "40")
     warnings: list[str] = []
-    restored = _run.restore_checkpoint(run_dir, config, warn=warnings.append)
+    restored = _checkpoint.restore_checkpoint(run_dir, config, warn=warnings.append)
     assert int(restored.step[0]) == 20
-    for got, want in zip(_run._arrays(restored.model), _run._arrays(state.model), strict=True):
+    for got, want in zip(
+        _checkpoint.state_arrays(restored.model), _checkpoint.state_arrays(state.model), strict=True
+    ):
         np.testing.assert_array_equal(got, want)
     assert len(warnings) == 1 and "checkpoint 40" in warnings[0] and "is damaged" in warnings[0]
     assert (run_dir / "checkpoints" / "40").is_dir()  # read-only: only a run moves it aside
-    _run.restore_checkpoint(run_dir, config, quarantine=True, warn=warnings.append)
-    assert _run._checkpoint_steps(run_dir) == [20] and (run_dir / "corrupt" / "40").is_dir()
+    _checkpoint.restore_checkpoint(run_dir, config, quarantine=True, warn=warnings.append)
+    assert _checkpoint.checkpoint_steps(run_dir) == [20] and (run_dir / "corrupt" / "40").is_dir()
 
 
 def test_no_checkpoint_holds_a_non_finite_value(tmp_path):
@@ -392,11 +394,11 @@ def test_no_checkpoint_holds_a_non_finite_value(tmp_path):
         lambda s: s.model.layers.p, state, state.model.layers.p.at[0, 0, 0, 0].set(jnp.inf)
     )
     path = _run.prepare_run_dir(tmp_path / "run", config)
-    manager = _run.checkpoint_manager(path)
+    manager = _checkpoint.checkpoint_manager(path)
     with pytest.raises(ValueError, match="non-finite"):
-        _run.save_checkpoint(manager, bad)
+        _checkpoint.save_checkpoint(manager, bad)
     manager.close()
-    assert _run._checkpoint_steps(path) == []
+    assert _checkpoint.checkpoint_steps(path) == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +454,8 @@ def test_guard_rolls_back_with_a_smaller_learning_rate(tmp_path, monkeypatch):
     assert event["event"] == "rollback" and event["from_step"] == 30 and event["members"] == [1]
     assert event["lr_scale"] == [1.0, 0.5] and event["rollbacks"] == [0, 1]
     assert replayed["skipped"] == [0, 0] and replayed["lr_scale"] == [1.0, 0.5]
+    # The logged rate is the one each seed used: the schedule's times its lr_scale.
+    assert replayed["lr"][1] == 0.5 * replayed["lr"][0] > 0
     assert math.isnan(event["loss"][1]) and math.isfinite(replayed["loss"][1])
     assert replayed["loss"][0] == event["loss"][0]  # seed 0: the same steps again, bitwise
     event = metrics[5]
@@ -459,7 +463,7 @@ def test_guard_rolls_back_with_a_smaller_learning_rate(tmp_path, monkeypatch):
     assert event["loss"][0] > 1e4 * metrics[4]["loss"][0]
     assert metrics[7]["lr_scale"] == [0.5, 0.5]
     assert metrics[7]["loss"][0] < 10 * metrics[4]["loss"][0]
-    final = _run.restore_checkpoint(tmp_path / "hit", config)
+    final = _checkpoint.restore_checkpoint(tmp_path / "hit", config)
     assert np.asarray(final.lr_scale).tolist() == [0.5, 0.5]
     assert np.asarray(final.rollbacks).tolist() == [1, 1]
 
@@ -488,7 +492,7 @@ def test_persistent_divergence_fails_the_run(tmp_path, monkeypatch, capsys):
     assert "FAILED: every seed diverged" in out
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["status"] == "failed" and "model" not in result
-    assert _run._checkpoint_steps(run_dir) == []  # never a checkpoint of a diverged state
+    assert _checkpoint.checkpoint_steps(run_dir) == []  # never a checkpoint of a diverged state
 
 
 def test_model_with_non_finite_predictions_is_reported_failed(tmp_path):

@@ -30,7 +30,7 @@ from test_reliability import (
 import eqicl
 from analysis import extract as extract_cli
 from analysis._run import load_finished
-from eqicl import _limits, _run
+from eqicl import _checkpoint, _files, _limits, _run
 from eqicl.train import main
 
 
@@ -308,7 +308,7 @@ def test_a_failed_atomic_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(
         eqicl.RunDirError, match=f"^cannot write {target}: No space left on device$"
     ):
-        _run.write_json_atomic(target, {"status": "ok"})
+        _files.write_json_atomic(target, {"status": "ok"})
     with pytest.raises(eqicl.RunDirError, match="^cannot write .*metrics.jsonl: No space left"):
         _run._write_lines(tmp_path / "metrics.jsonl", ['{"step": 1}'])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
@@ -346,9 +346,9 @@ def test_damaged_manifest_is_one_warning_line(jax_cache, tmp_path):  # noqa: F81
     _truncate("manifest.ocdbt")(run_dir / "checkpoints" / "40")
     code = (
         "import jax; jax.config.update('jax_enable_x64', True)\n"
-        "import pathlib, eqicl; from eqicl import _run\n"
+        "import pathlib, eqicl; from eqicl import _checkpoint\n"
         f"p = pathlib.Path({str(run_dir)!r})\n"
-        "s = _run.restore_checkpoint(p, eqicl.read_run_config(p))\n"
+        "s = _checkpoint.restore_checkpoint(p, eqicl.read_run_config(p))\n"
         "print(int(s.step[0]))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
@@ -387,7 +387,11 @@ def test_disk_full_during_a_checkpoint_is_one_line(jax_cache, small_disk, tmp_pa
     p = _train(jax_cache, run_dir)
     assert p.returncode == 2, p.stderr
     [line] = p.stderr.splitlines()
-    step = _run._checkpoint_steps(run_dir)[0] + 20 if _run._checkpoint_steps(run_dir) else 20
+    step = (
+        _checkpoint.checkpoint_steps(run_dir)[0] + 20
+        if _checkpoint.checkpoint_steps(run_dir)
+        else 20
+    )
     assert line == (
         f"error: cannot write checkpoint {step} in {(run_dir / 'checkpoints').absolute()}: "
         "No space left on device"

@@ -138,27 +138,38 @@ def test_figure4_redraws_from_the_committed_weights(tmp_path, capsys):
     assert "Figure 4" in capsys.readouterr().err
 
 
-def test_reused_test_data_gives_the_same_evaluation():
-    """Under reuse_test_data (the sweep), a second model scored on the cached sequences gets
-    the numbers it gets on freshly drawn ones."""
+def test_a_sequence_cache_gives_the_same_evaluation():
+    """Scored through one eqicl.SequenceCache (as the sweep scores a noise setting's cells),
+    a second model gets the numbers it gets on freshly drawn sequences; the cache holds one
+    setting at a time and draws again for another."""
+    import dataclasses
+
     import jax.numpy as jnp
     import jax.random as jr
     import numpy as np
 
     import eqicl
-    from eqicl._evaluate import evaluate, reuse_test_data
 
     config = eqicl.preset("tiny")
     models = [
         eqicl.init_transformer(jr.key(k), config.model, config.task, jnp.float64) for k in (0, 1)
     ]
-    fresh = [evaluate(m, config, baselines=False) for m in models]
-    with reuse_test_data():
-        cached = [evaluate(m, config, baselines=False) for m in models]
+    fresh = [eqicl.evaluate(m, config, baselines=False) for m in models]
+    cache = eqicl.SequenceCache()
+    cached = [eqicl.evaluate(m, config, baselines=False, test_cache=cache) for m in models]
     for a, b in zip(fresh, cached, strict=True):
         for key in ("adjusted_exact", "adjusted_sampled", "unadjusted"):
             np.testing.assert_allclose(a["model"][key]["mean"], b["model"][key]["mean"], rtol=1e-12)
         np.testing.assert_allclose(a["profile"]["model"], b["profile"]["model"], rtol=1e-11)
+    noisier = dataclasses.replace(
+        config, task=dataclasses.replace(config.task, sigma_max=config.task.sigma_max + 1)
+    )
+    want = eqicl.evaluate(models[0], noisier, baselines=False)
+    got = eqicl.evaluate(models[0], noisier, baselines=False, test_cache=cache)
+    assert got["model"]["adjusted_exact"]["mean"] != fresh[0]["model"]["adjusted_exact"]["mean"]
+    np.testing.assert_allclose(
+        got["model"]["adjusted_exact"]["mean"], want["model"]["adjusted_exact"]["mean"], rtol=1e-12
+    )
 
 
 def _record_candidate(paper_dir, cand, loss):
@@ -276,7 +287,7 @@ def test_an_interrupted_cell_resumes_with_the_start_it_had(tmp_path):
 def test_checking_a_warm_started_run_never_reads_its_start(tmp_path):
     """A warm start has the structure of a GD start: the state skeleton (used to check and
     restore checkpoints) is the same, and needs no weights file."""
-    from eqicl._run import skeleton
+    from eqicl._checkpoint import skeleton
 
     cell = Cell("full", 2, "3")
     cold = cell_config(cell, None, 2, SMALL)

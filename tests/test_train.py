@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import eqicl
-from eqicl._run import checkpoint_manager, restore_checkpoint, save_checkpoint
+from eqicl._checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from eqicl.train import main
 
 

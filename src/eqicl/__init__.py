@@ -32,6 +32,7 @@ from ._config import (
     preset as preset,
 )
 from ._evaluate import (
+    SequenceCache as SequenceCache,
     estimate as estimate,
     estimate_all as estimate_all,
     evaluate as evaluate,
@@ -95,6 +96,7 @@ from ._theory import (
     wishart_trace_moments as wishart_trace_moments,
 )
 from ._train import (
+    Trainer as Trainer,
     TrainState as TrainState,
     init_ensemble as init_ensemble,
     loss_fn as loss_fn,
@@ -102,7 +104,6 @@ from ._train import (
     train_loop as train_loop,
     train_step as train_step,
 )
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _early.finish()

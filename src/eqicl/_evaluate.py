@@ -1,7 +1,6 @@
 """Evaluation (SPEC §5): adjusted loss with the sampled and the exact estimator, baselines on
 the same sequences, loss after k layers, unadjusted loss, per-variance profiles."""
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -13,7 +12,6 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from . import _kernel
 from ._baselines import (
     Spectral,
     TunedBaselines,
@@ -34,7 +32,7 @@ from ._fast import (
 from ._model import LinearTransformer
 from ._paper import paper_baselines, paper_value
 from ._tail import DEFAULT, Proposal, summarize
-from ._task import prng_key, sample_batch_jit as sample_batch
+from ._task import Batch, prng_key, sample_batch_jit as sample_batch
 
 
 def eval_dtype():
@@ -63,21 +61,12 @@ def model_weights_and_predictions(
     y: Float[Array, "batch n"],
     xq: Float[Array, "batch d"],
 ) -> tuple[Float[Array, "batch layers d"], Float[Array, "batch layers"]]:
-    """w^l of every layer (queries = basis vectors) and the prediction on the real query,
-    in one forward pass per sequence."""
-
-    if _kernel.usable():
-        # The compiled kernel on the statistics (same values to round-off, much faster).
-        w = _kernel.layer_weights(model, context_stats(x, y))
-        w = jnp.transpose(w, (2, 0, 1))  # (batch, layers, d)
-        return w, jnp.einsum("bld,bd->bl", w, xq)
-
-    def one(x1, y1, q1):
-        d = x1.shape[-1]
-        preds = model(x1, y1, jnp.concatenate([jnp.eye(d, dtype=x1.dtype), q1[None]], axis=0))
-        return preds[:, :d], preds[:, d]
-
-    return jax.vmap(one)(x, y, xq)
+    """w^l of every layer and the prediction <w^l, x_q> on the real query, from the context
+    statistics S⁰ (`eqicl._fast.layer_weights`: the compiled kernel or XLA, the same choice
+    as training makes); the token equation gives the same weights to round-off."""
+    w = layer_weights(model, context_stats(x, y))  # (layers, d, batch)
+    w = jnp.transpose(w, (2, 0, 1))  # (batch, layers, d)
+    return w, jnp.einsum("bld,bd->bl", w, xq)
 
 
 @eqx.filter_jit
@@ -124,25 +113,43 @@ def _chunk_losses(
     return out
 
 
-_reuse: dict | None = None
 _spectral = jax.jit(spectral)
 
 
-@contextlib.contextmanager
-def reuse_test_data():
-    """Within this block, evaluations with the same task and evaluation settings reuse their
-    test sequences and those sequences' eigen-decompositions instead of drawing and
-    decomposing them again (the sweep scores 21 models per noise setting on the same
-    sequences; that work is 80 % of an evaluation). Only one setting is held at a time."""
-    global _reuse
-    saved, _reuse = _reuse, {}
-    try:
-        yield
-    finally:
-        _reuse = saved
+class SequenceCache:
+    """Test sequences drawn by evaluations, with their eigen-decompositions, kept so that
+    more models are scored on them without drawing and decomposing them again (the sweep
+    scores 21 models per noise setting on the same sequences; that work is most of an
+    evaluation). Pass one to `evaluate` (or `eqicl.run`) for every model to score on the
+    same draw. It holds one task and evaluation setting at a time: asked for another, it
+    lets go of the first."""
+
+    def __init__(self):
+        self._setting = None
+        self._held: dict[tuple[str, int], tuple] = {}
+
+    def get(self, config: Config, part: str, index: int, dtype, draw: Callable[[], Batch]):
+        """(batch, its Spectral): chunk `index` of `part` for `config`, `draw()`n the first
+        time it is asked for."""
+        setting = (config.task, config.eval, jnp.dtype(dtype).name)
+        if setting != self._setting:
+            self._setting, self._held = setting, {}
+        if (part, index) not in self._held:
+            batch = draw()
+            self._held[(part, index)] = (batch, _spectral(batch))
+        return self._held[(part, index)]
 
 
-def _test_data(config: Config, part: str, index: int, key, size: int, dt, sigma=None):
+def _test_data(
+    config: Config,
+    part: str,
+    index: int,
+    key,
+    size: int,
+    dt,
+    sigma=None,
+    cache: SequenceCache | None = None,
+):
     """(batch, its Spectral or None): test sequences `index` of `part` ("test" or "profile")."""
 
     def draw():
@@ -150,16 +157,9 @@ def _test_data(config: Config, part: str, index: int, key, size: int, dt, sigma=
             return sample_batch(key, config.task, size, dt)
         return sample_batch(key, config.task, size, dt, sigma=jnp.full((size,), sigma, dt))
 
-    if _reuse is None:
+    if cache is None:
         return draw(), None
-    setting = (config.task, config.eval, jnp.dtype(dt).name)
-    if _reuse.get("setting") != setting:
-        _reuse.clear()
-        _reuse["setting"] = setting
-    if (part, index) not in _reuse:
-        batch = draw()
-        _reuse[(part, index)] = (batch, _spectral(batch))
-    return _reuse[(part, index)]
+    return cache.get(config, part, index, dt, draw)
 
 
 def _keys(config: Config) -> dict[str, PRNGKeyArray]:
@@ -250,11 +250,13 @@ def evaluate(
     config: Config,
     progress: Callable[[str], None] | None = None,
     baselines: bool = True,
+    test_cache: SequenceCache | None = None,
 ) -> dict:
     """Everything eval.json holds: the model's adjusted loss (exact and sampled estimator, with
     standard errors) after every layer, its unadjusted loss, the baselines on the same
     sequences (unless `baselines=False`: a sweep scores them once per noise setting),
-    per-variance profiles, and the paper's numbers for this cell."""
+    per-variance profiles, and the paper's numbers for this cell. With `test_cache`,
+    the test sequences come from (and go into) that cache; the numbers are the same."""
     dt = eval_dtype()
     model = cast(model, dt) if model is not None else None
     keys = _keys(config)
@@ -271,7 +273,9 @@ def evaluate(
     acc: dict[str, list] = {}
     for i, size in enumerate(chunks):
         say(f"test sequences {sum(chunks[:i])}/{ec.sequences}")
-        batch, sp = _test_data(config, "test", i, jr.fold_in(keys["test"], i), size, dt)
+        batch, sp = _test_data(
+            config, "test", i, jr.fold_in(keys["test"], i), size, dt, cache=test_cache
+        )
         out = jax.device_get(_chunk_losses(model, tuned, batch, sp))
         if model is not None:
             exact, sampled, unadj = out["model"]
@@ -316,14 +320,20 @@ def evaluate(
     result["oracle_expected_unadjusted"] = mean_se(oracle_trace)
     result["baseline_params"] = dataclasses.asdict(tuned) if tuned is not None else None
     say("per-variance profile")
-    result["profile"] = profile(model, config, tuned)
+    result["profile"] = profile(model, config, tuned, test_cache)
     result["paper"] = {"model": paper_value(config), **paper_baselines(config.task)}
     return result
 
 
-def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselines | None) -> dict:
+def profile(
+    model: LinearTransformer | None,
+    config: Config,
+    tuned: TunedBaselines | None,
+    test_cache: SequenceCache | None = None,
+) -> dict:
     """Exact adjusted loss (every layer and every baseline, with standard errors) and the
-    oracle's expected unadjusted loss at fixed σ on a grid reaching beyond the training range."""
+    oracle's expected unadjusted loss at fixed σ on a grid reaching beyond the training range
+    (its sequences from and into `test_cache`, if given)."""
     dt = eval_dtype()
     ec = config.eval
     sigmas = profile_sigmas(config.task, ec.profile_points, ec.profile_factor)
@@ -340,7 +350,14 @@ def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselin
     key = _keys(config)["profile"]
     for i, s in enumerate(sigmas):
         batch, sp = _test_data(
-            config, "profile", i, jr.fold_in(key, i), ec.profile_sequences, dt, sigma=float(s)
+            config,
+            "profile",
+            i,
+            jr.fold_in(key, i),
+            ec.profile_sequences,
+            dt,
+            sigma=float(s),
+            cache=test_cache,
         )
         point = jax.device_get(_chunk_losses(model, tuned, batch, sp))
         if model is not None:
@@ -354,9 +371,13 @@ def profile(model: LinearTransformer | None, config: Config, tuned: TunedBaselin
     return out
 
 
-def evaluate_baselines(config: Config, progress: Callable[[str], None] | None = None) -> dict:
+def evaluate_baselines(
+    config: Config,
+    progress: Callable[[str], None] | None = None,
+    test_cache: SequenceCache | None = None,
+) -> dict:
     """The baselines alone, on the same test sequences as `evaluate` (same keys)."""
-    return evaluate(None, config, progress=progress, baselines=True)
+    return evaluate(None, config, progress, baselines=True, test_cache=test_cache)
 
 
 # ---------------------------------------------------------------------------------------------

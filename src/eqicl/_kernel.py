@@ -150,28 +150,32 @@ def reason() -> str:
     return _status["reason"]
 
 
+def _not_used(devices: int) -> str | None:
+    """Why the statistics formulation runs in XLA rather than in the kernel on `devices`
+    devices (None: the kernel runs). The one rule `usable` applies and `describe` words."""
+    if jax.default_backend() != "cpu":
+        return f"XLA on {jax.default_backend()}"
+    if devices > 1:  # the custom call does not partition
+        return "XLA, sharded over the device mesh"
+    if not load():
+        return f"XLA; CPU kernel not used: {reason()}"
+    return None
+
+
 def describe(train) -> str:
     """Which implementation a training run with these settings (a TrainConfig) takes."""
     if train.formulation == "tokens":
         return "the paper's token equation (XLA)"
-    if jax.default_backend() != "cpu":
-        return f"statistics formulation (XLA on {jax.default_backend()})"
-    if num_devices(train) > 1:
-        return "statistics formulation (XLA, sharded over the device mesh)"
-    if load():
-        return "statistics formulation (eqicl CPU kernel)"
-    return f"statistics formulation (XLA; CPU kernel not used: {reason()})"
+    why = _not_used(num_devices(train))
+    return f"statistics formulation ({why or 'eqicl CPU kernel'})"
 
 
 def usable() -> bool:
     """True when the kernel applies to the computation being traced: CPU backend, no device
-    mesh with a "data" axis (the custom call does not partition), and the kernel loaded."""
-    if jax.default_backend() != "cpu":
-        return False
+    mesh of more than one device, and the kernel loaded. Every computation that can take
+    the kernel (training and evaluation alike) asks this, in eqicl._fast."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
-    return load()
+    return _not_used(1 if mesh.empty else mesh.size) is None
 
 
 def sampler_usable() -> bool:

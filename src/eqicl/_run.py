@@ -14,30 +14,35 @@ is killed at any moment and restarted ends bitwise where an uninterrupted one wo
 """
 
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
 import json
-import logging
 import math
 import os
 import pathlib
 import re
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _faults
+from ._checkpoint import (
+    check_checkpoint_shapes,
+    checkpoint_manager,
+    prune,
+    remove_partial_checkpoints,
+    restore_checkpoint,
+    restore_exact,
+    save_checkpoint,
+    scheduled,
+)
 from ._config import Config, ConfigError, TrainConfig
 from ._evaluate import (
+    SequenceCache,
     _member,
     cast,
     eval_dtype,
@@ -45,21 +50,22 @@ from ._evaluate import (
     select_estimates,
     selection_keys,
 )
+from ._files import (
+    RunDirError,
+    append_jsonl,
+    atomic_write,
+    stderr_warning,
+    write_json_atomic,
+)
 from ._limits import check_resources
 from ._parallel import num_devices
-from ._train import TrainState, append_jsonl, init_ensemble, train_loop
+from ._train import Trainer, TrainState
+from ._version import __version__
 
 # 2: checkpoints hold the state and a checksummed metadata item, and the divergence guard's
 # fields; format-1 checkpoints cannot be restored into this state.
 FORMAT = 2
-__version__ = "0.1.0"
 LOCK = "train.lock"
-CORRUPT = "corrupt"
-_TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked. The message is one line."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -71,65 +77,13 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
 
 
-class _Corrupt(Exception):
-    """A checkpoint that cannot be trusted (the reason is the message)."""
-
-
 class _Diverged(Exception):
     """Every seed has been given up by the divergence guard (args: reason, selection)."""
 
 
-def _ocp():
-    # orbax is slow to import and chatty (it warns about every read-only manager); only load
-    # it where checkpoints are touched.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    import orbax.checkpoint as ocp
-
-    if not isinstance(sys.unraisablehook, _QuietClosedLoop):
-        sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
-    return ocp
-
-
-class _QuietClosedLoop:
-    """An unraisable-exception hook that drops one kind: reading a damaged checkpoint makes
-    tensorstore call back into orbax's finished asyncio loop, and each callback printed an
-    'Event loop is closed' traceback (a dozen per damaged checkpoint) although the error itself
-    is handled and reported in one line. Everything else goes to the previous hook."""
-
-    def __init__(self, previous):
-        self.previous = previous
-
-    def __call__(self, unraisable):
-        e = unraisable.exc_value
-        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-            self.previous(unraisable)
-
-
-def _stderr_warning(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def write_json_atomic(path: pathlib.Path, data) -> None:
-    """Write JSON so that readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, a signal: no temporary file is left behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
-# Temporary files of an interrupted write (`write_json_atomic`, `_write_lines`): a killed
-# writer leaves them; the next holder of the lock removes them.
-_LEFTOVER = re.compile(r"\.(config|eval)\.json\.tmp\d+|metrics\.jsonl\.tmp")
+# What an interrupted write of a run directory's files leaves (eqicl._files.temporary_name;
+# `metrics.jsonl.tmp` is the name that earlier versions used).
+_LEFTOVER = re.compile(r"\.(config\.json|eval\.json|metrics\.jsonl)\.tmp\d+|metrics\.jsonl\.tmp")
 
 
 def remove_leftovers(path: pathlib.Path, warn: Callable[[str], None]) -> None:
@@ -192,7 +146,7 @@ def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
                 f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                 "choose another --run-dir or delete that directory"
             )
-        _check_checkpoint_shapes(path, config)
+        check_checkpoint_shapes(path, config)
     elif path.exists() and any(
         p.name != LOCK and not _LEFTOVER.fullmatch(p.name) for p in path.iterdir()
     ):
@@ -248,264 +202,6 @@ def run_lock(path: pathlib.Path, echo: Callable[[str], None] = print) -> Iterato
         os.close(fd)
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def skeleton(config: Config) -> TrainState:
-    """The shapes and dtypes of a run's training state, without computing it. A warm start
-    (`model.init_from`) has exactly the structure of a GD start, so its file is not read:
-    checking and resuming a run never depend on it."""
-    cold = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=""))
-    return eqx.filter_eval_shape(init_ensemble, cold)
-
-
-def _is_shape(x) -> bool:
-    return isinstance(x, jax.ShapeDtypeStruct)
-
-
-def _scheduled(step: int, train: TrainConfig) -> bool:
-    """Checkpoints every uninterrupted run writes (the only rollback targets, so that a
-    checkpoint saved on SIGTERM never changes where a later rollback goes)."""
-    return step % train.checkpoint_every == 0 or step == train.steps
-
-
-def checkpoint_manager(run_dir: pathlib.Path, read_only: bool = False):
-    """Orbax manager of `run_dir/checkpoints`. Retention is `_prune`'s job (orbax's
-    max_to_keep would also count checkpoints saved on SIGTERM)."""
-    ocp = _ocp()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None,
-        create=not read_only,
-        enable_async_checkpointing=False,
-        read_only=read_only,
-    )
-    return ocp.CheckpointManager(
-        (run_dir / "checkpoints").absolute(), options=options, item_names=("state", "meta")
-    )
-
-
-def _arrays(tree) -> list[np.ndarray]:
-    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
-
-
-def _signature(arrays) -> list[str]:
-    return [f"{np.dtype(a.dtype).name}{list(a.shape)}" for a in arrays]
-
-
-def _digest(arrays: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def _finite(state: TrainState) -> bool:
-    """Model and optimizer state finite (`recent` uses NaN for "no loss yet")."""
-    arrays = _arrays((state.model, state.opt_state, state.lr_scale))
-    return all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.inexact))
-
-
-def save_checkpoint(manager, state: TrainState) -> None:
-    """Save `state` with a metadata item holding its step, array shapes and checksum.
-    Refuses (ValueError) a state with a non-finite value: no checkpoint ever holds one."""
-    ocp = _ocp()
-    arrays = _arrays(state)
-    if not _finite(state):
-        raise ValueError("refusing to checkpoint a training state with non-finite values")
-    step = int(state.step[0])
-    meta = {"step": step, "arrays": _signature(arrays), "sha256": _digest(arrays)}
-    _faults.before_save(step)
-    try:
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
-    except Exception as e:  # a full disk, a read-only mount: orbax / tensorstore raise many kinds
-        # The half-written directory is removed now, so that no later run mistakes it for one
-        # whose writer was killed; the checkpoints before it are untouched.
-        directory = pathlib.Path(manager.directory)
-        for tmp in directory.glob(f"{step}{_TMP_MARK}*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise RunDirError(
-            f"cannot write checkpoint {step} in {directory}: {os_reason(e)}"
-        ) from None
-
-
-_OS_REASONS = re.compile(
-    r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded"
-)
-
-
-def os_reason(e: BaseException) -> str:
-    """The reason of a failed write in a few words: the OS error's text when there is one
-    (orbax and tensorstore wrap it in pages of detail), else the exception's first line."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    if m := _OS_REASONS.search(str(e)):
-        return m[0]
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first[:160]}"
-
-
-def _as_dict(leaves: list) -> dict:
-    # The state's leaves in order, under zero-padded keys: orbax stores dicts by key, and the
-    # structure itself is rebuilt from the config (static fields are never saved).
-    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
-
-
-def _read_meta(manager, step: int) -> dict:
-    ocp = _ocp()
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises many types for a damaged directory
-        raise _Corrupt(f"its metadata cannot be read: {type(e).__name__}") from None
-    if not isinstance(meta, dict) or not {"step", "arrays", "sha256"} <= set(meta):
-        raise _Corrupt("its metadata is incomplete")
-    return meta
-
-
-def _check_shapes(meta: dict, want: list[str], where: str) -> None:
-    if meta["arrays"] != want:
-        i = next(
-            (i for i, (a, b) in enumerate(zip(meta["arrays"], want, strict=False)) if a != b),
-            min(len(meta["arrays"]), len(want)),
-        )
-        got_i = meta["arrays"][i] if i < len(meta["arrays"]) else "nothing"
-        want_i = want[i] if i < len(want) else "nothing"
-        raise RunDirError(
-            f"{where} holds a training state of another shape than config.json asks for "
-            f"(array {i}: {got_i} saved, {want_i} expected); it belongs to a different model"
-        )
-
-
-def _restore_step(manager, step: int, config: Config, where: str) -> TrainState:
-    ocp = _ocp()
-    meta = _read_meta(manager, step)
-    dynamic, static = eqx.partition(skeleton(config), _is_shape)
-    abstract = jax.tree.leaves(dynamic)
-    _check_shapes(meta, _signature(abstract), where)
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_dict(abstract)))
-        )["state"]
-        restored = [restored[k] for k in sorted(restored)]
-    except Exception as e:
-        raise _Corrupt(f"its arrays cannot be read: {type(e).__name__}") from None
-    arrays = [np.asarray(a) for a in restored]
-    if _digest(arrays) != meta["sha256"] or meta["step"] != step:
-        raise _Corrupt("its arrays do not match their checksum")
-    state = eqx.combine(jax.tree.unflatten(jax.tree.structure(dynamic), restored), static)
-    if not _finite(state):
-        raise _Corrupt("it holds non-finite values")
-    if int(state.step[0]) != step:
-        raise _Corrupt(f"it holds step {int(state.step[0])}")
-    return state
-
-
-def _checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
-    """Committed checkpoint steps, newest first (orbax names them by their step)."""
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
-
-
-def _check_checkpoint_shapes(run_dir: pathlib.Path, config: Config) -> None:
-    """RunDirError if a readable checkpoint holds another model shape (read-only)."""
-    steps = _checkpoint_steps(run_dir)
-    if not steps:
-        return
-    want = _signature(jax.tree.leaves(eqx.filter(skeleton(config), _is_shape)))
-    manager = checkpoint_manager(run_dir, read_only=True)
-    try:
-        for step in steps:
-            with contextlib.suppress(_Corrupt):
-                _check_shapes(_read_meta(manager, step), want, f"checkpoint {step} of {run_dir}")
-    finally:
-        manager.close()
-
-
-def _quarantine(run_dir: pathlib.Path, name: str) -> pathlib.Path:
-    """Move checkpoints/<name> to corrupt/ (kept for inspection, out of orbax's way)."""
-    dest_dir = run_dir / CORRUPT
-    dest_dir.mkdir(exist_ok=True)
-    dest = dest_dir / name
-    i = 1
-    while dest.exists():
-        dest, i = dest_dir / f"{name}.{i}", i + 1
-    os.replace(run_dir / "checkpoints" / name, dest)
-    return dest
-
-
-def remove_partial_checkpoints(run_dir: pathlib.Path, warn: Callable[[str], None]) -> None:
-    """Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when
-    complete; such a directory is what a trainer killed while saving leaves behind."""
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        return
-    for p in sorted(directory.iterdir()):
-        if _TMP_MARK in p.name:
-            warn(
-                f"{p} is a checkpoint whose writer was killed before finishing it; "
-                f"moved to {CORRUPT}/"
-            )
-            _quarantine(run_dir, p.name)
-
-
-def restore_checkpoint(
-    run_dir: pathlib.Path,
-    config: Config,
-    *,
-    at_most: int | None = None,
-    scheduled_only: bool = False,
-    quarantine: bool = False,
-    warn: Callable[[str], None] = _stderr_warning,
-) -> TrainState | None:
-    """The newest intact checkpoint (at step <= `at_most`, scheduled ones only if asked),
-    restored into the config's state structure; None if there is none. A damaged one is
-    skipped with a warning (and moved to corrupt/ if `quarantine`). A checkpoint of another
-    model shape raises RunDirError."""
-    steps = [
-        s
-        for s in _checkpoint_steps(run_dir)
-        if (at_most is None or s <= at_most) and (not scheduled_only or _scheduled(s, config.train))
-    ]
-    if not steps:
-        return None
-    manager = checkpoint_manager(run_dir, read_only=True)
-    try:
-        for step in steps:
-            where = f"checkpoint {step} of {run_dir}"
-            try:
-                return _restore_step(manager, step, config, where)
-            except _Corrupt as e:
-                action = f"moved to {CORRUPT}/" if quarantine else "skipped"
-                warn(f"{where} is damaged ({e}); {action}")
-                if quarantine:
-                    _quarantine(run_dir, str(step))
-    finally:
-        manager.close()
-    return None
-
-
-def _prune(manager, train: TrainConfig) -> None:
-    """Keep the two newest scheduled checkpoints (the older one in case the newer is
-    damaged) and any newer one saved on SIGTERM."""
-    steps = sorted(manager.all_steps())
-    scheduled = [s for s in steps if _scheduled(s, train)]
-    newest = scheduled[-1] if scheduled else -1
-    keep = set(scheduled[-2:]) | {s for s in steps if s > newest}
-    for s in steps:
-        if s not in keep:
-            manager.delete(s)
-
-
 def evaluated_step(eval_result: dict, config: Config) -> int:
     """The step of the model an eval.json describes (eval.json files written before
     "checkpoint" was recorded evaluated the final state, at train.steps)."""
@@ -513,26 +209,6 @@ def evaluated_step(eval_result: dict, config: Config) -> int:
     if not isinstance(step, int) or isinstance(step, bool):
         raise RunDirError(f"eval.json: 'checkpoint' is not a step number ({step!r})")
     return step
-
-
-def restore_exact(run_dir: pathlib.Path, config: Config, step: int, why: str) -> TrainState:
-    """Checkpoint `step` and no other: RunDirError (one line, naming `why` it is needed)
-    when it is missing or damaged, never a fall-back to an older one. Writes nothing."""
-    hint = (
-        "rerun the same `python -m eqicl.train` command to rebuild it "
-        "(training resumes from the newest intact checkpoint)"
-    )
-    if step not in _checkpoint_steps(run_dir):
-        raise RunDirError(f"{run_dir}: checkpoint {step}, {why}, is missing; {hint}")
-    manager = checkpoint_manager(run_dir, read_only=True)
-    try:
-        return _restore_step(manager, step, config, f"checkpoint {step} of {run_dir}")
-    except _Corrupt as e:
-        raise RunDirError(
-            f"{run_dir}: checkpoint {step}, {why}, is damaged ({e}); {hint}"
-        ) from None
-    finally:
-        manager.close()
 
 
 def load_model(run_dir: str | os.PathLike, member: int | None = None, step: int | None = None):
@@ -595,16 +271,8 @@ def _read_lines(
 
 
 def _write_lines(path: pathlib.Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def _truncate_metrics_for_resume(
@@ -694,7 +362,7 @@ def _push_losses(state: TrainState, losses: list[float]) -> TrainState:
 
 
 def _rollback(
-    config: Config,
+    trainer: Trainer,
     path: pathlib.Path,
     manager,
     state: TrainState,
@@ -708,6 +376,7 @@ def _rollback(
     `train.max_rollbacks` (raises _Diverged when none is left). `metrics_loss`, the
     abandoned call's mean losses, goes into the rollback event. Returns the state to go on
     from and whether it is a rolled-back one."""
+    config = trainer.config
     tc = config.train
     step = int(state.step[0])
     lr_scale = np.asarray(state.lr_scale).copy()
@@ -737,7 +406,7 @@ def _rollback(
     restored = restore_checkpoint(
         path, config, at_most=step, scheduled_only=True, quarantine=True, warn=warn
     )
-    restored = init_ensemble(config) if restored is None else restored
+    restored = trainer.init() if restored is None else restored
     target = int(restored.step[0])
     # Checkpoints past the target (one saved on SIGTERM) belong to the abandoned trajectory.
     manager.reload()
@@ -860,13 +529,18 @@ def _stop_signals(say: Callable[[str], None]) -> Iterator[list[int]]:
 def _train(
     config: Config,
     path: pathlib.Path,
+    trainer: Trainer,
     state: TrainState,
     progress: bool,
     echo: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> TrainState:
+    """The host loop: one jitted call at a time (`Trainer.advance`), then its metrics line,
+    the divergence guard (a rollback goes on from the restored state), the scheduled
+    checkpoint, and SIGINT / SIGTERM (a checkpoint, then `Interrupted`)."""
     tc = config.train
     metrics_path = path / "metrics.jsonl"
+    zero_loss = zero_train_loss(config)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -885,16 +559,15 @@ def _train(
     manager = checkpoint_manager(path)
     try:
         with _stop_signals(say) as received:
-
-            def on_chunk(state: TrainState, metrics: dict) -> TrainState:
+            while int(state.step[0]) < tc.steps:
+                state, metrics = trainer.advance(state)
                 step = metrics["step"]
-                metrics["lr_scale"] = [float(v) for v in np.asarray(state.lr_scale)]
                 append_jsonl(metrics_path, metrics)
                 _faults.after_call(step)
-                reasons = _guard_reasons(state, metrics, tc, zero_train_loss(config))
+                reasons = _guard_reasons(state, metrics, tc, zero_loss)
                 if reasons:
                     state, rolled_back = _rollback(
-                        config, path, manager, state, reasons, metrics["loss"], say, warn
+                        trainer, path, manager, state, reasons, metrics["loss"], say, warn
                     )
                     if rolled_back:
                         if received:  # nothing to save: a resumed run re-derives the rollback
@@ -902,21 +575,19 @@ def _train(
                         if bar is not None:
                             bar.reset(total=tc.steps)
                             bar.update(int(state.step[0]))
-                        return state
+                        continue
                 state = _push_losses(state, metrics["loss"])
-                if _scheduled(step, tc):
+                if scheduled(step, tc):
                     state = _set(state, skipped=np.zeros_like(np.asarray(state.skipped)))
-                if _scheduled(step, tc) or received:
+                if scheduled(step, tc) or received:
                     save_checkpoint(manager, state)
-                    _prune(manager, tc)
+                    prune(manager, tc)
                 if received:
                     raise Interrupted(received[0], step)
                 if bar is not None:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{min(metrics['loss']):.4g}", refresh=False)
-                return state
-
-            return train_loop(config, state, on_chunk)
+            return state
     finally:
         manager.close()
         if bar is not None:
@@ -982,9 +653,10 @@ def finish(
     state: TrainState,
     echo: Callable[[str], None] = print,
     baselines: bool = True,
+    test_cache: SequenceCache | None = None,
 ) -> dict:
     """Select the best seed on held-out sequences, evaluate it (with the baselines unless
-    `baselines=False`), write eval.json with the step of the model (the checkpoint analysis
+    `baselines=False`; on `test_cache` if given, see `run`), write eval.json with the step of the model (the checkpoint analysis
     reads). A model with non-finite predictions is reported as failed, never scored; one
     whose numbers are not sane (`sanity`) as suspect, with its numbers and the reason."""
     tc = config.train
@@ -1018,7 +690,9 @@ def finish(
     echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
     t0 = time.perf_counter()
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite numbers: see sanity()
-        result = evaluate_model(_member(state.model, best), config, baselines=baselines)
+        result = evaluate_model(
+            _member(state.model, best), config, baselines=baselines, test_cache=test_cache
+        )
     if not result["model"]["finite"]:
         result = _failed(
             f"seed {best}'s model gives non-finite predictions on the test sequences", **extra
@@ -1037,13 +711,16 @@ def run(
     run_dir: str | os.PathLike,
     progress: bool = True,
     echo: Callable[[str], None] = print,
-    warn: Callable[[str], None] = _stderr_warning,
+    warn: Callable[[str], None] = stderr_warning,
     evaluate: bool = True,
     baselines: bool = True,
+    test_cache: SequenceCache | None = None,
 ) -> dict:
     """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json
     (with the baselines on the same sequences unless `baselines=False`; with
     `evaluate=False`, stop after training: {"status": "trained", "steps": ...}).
+    `test_cache` holds the test sequences of earlier evaluations to score on again
+    (`eqicl.SequenceCache`; the sweep shares one across the cells of a noise setting).
 
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
@@ -1051,8 +728,9 @@ def run(
     # Everything that can refuse the config does so before anything is written.
     check_resources(config)
     num_devices(config.train)
+    trainer = Trainer(config)
     if config.model.init_from:
-        eqx.filter_eval_shape(init_ensemble, config)
+        eqx.filter_eval_shape(trainer.init)
     path = check_run_dir(run_dir, config)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -1065,7 +743,7 @@ def run(
         metrics_path = path / "metrics.jsonl"
         state = restore_checkpoint(path, config, quarantine=True, warn=warn)
         if state is None:
-            state = init_ensemble(config)
+            state = trainer.init()
             start = 0
             metrics_path.unlink(missing_ok=True)
         else:
@@ -1083,7 +761,7 @@ def run(
 
             echo(f"training step: {describe(config.train)}")
             try:
-                state = _train(config, path, state, progress, echo, warn)
+                state = _train(config, path, trainer, state, progress, echo, warn)
             except _Diverged as e:
                 reason, selection = e.args
                 result = _failed(reason, selection=selection, steps=config.train.steps)
@@ -1091,7 +769,7 @@ def run(
                 return result
         if not evaluate:
             return {"status": "trained", "steps": int(state.step[0])}
-        return finish(config, path, state, echo, baselines)
+        return finish(config, path, state, echo, baselines, test_cache)
 
 
 def summary_table(config: Config, result: dict) -> str:

@@ -19,15 +19,15 @@ import fcntl
 import io
 import json
 import math
-import os
 import pathlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
-from ._evaluate import evaluate_baselines, reuse_test_data, selection_keys, unsound
+from ._evaluate import SequenceCache, evaluate_baselines, selection_keys, unsound
+from ._files import write_csv_atomic, write_json_atomic
 from ._paper import paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
@@ -397,28 +397,9 @@ def read_table(path: pathlib.Path) -> dict[Cell, dict]:
     return rows
 
 
-def _write_csv(path: pathlib.Path, fields: Sequence[str], rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_table(path: pathlib.Path, rows: dict[Cell, dict]) -> None:
     """Write table1.csv (atomically), its rows in the table's order."""
-    _write_csv(path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
-
-
-def _write_json(path: pathlib.Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_csv_atomic(path, TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order)))
 
 
 def _fmt(x: float) -> str:
@@ -473,7 +454,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
     rows[cell] = row
     write_table(table_path, rows)
     if ok:
-        _write_json(
+        write_json_atomic(
             paper_dir / "cells" / f"{cell.name}.json",
             {
                 "cell": dataclasses.asdict(cell),
@@ -485,6 +466,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
                 "selection": result.get("selection"),
                 **({"seed_losses": result["seed_losses"]} if "seed_losses" in result else {}),
             },
+            indent=1,
         )
     return row
 
@@ -662,8 +644,8 @@ def _record_baselines(paper_dir: pathlib.Path, column: str, config: Config, resu
             "params": json.dumps(result["baseline_params"], sort_keys=True),
         }
     order = sorted(rows, key=lambda k: (COLUMNS.index(k[1]), k[0]))
-    _write_csv(path, BASELINE_FIELDS, (rows[k] for k in order))
-    _write_json(
+    write_csv_atomic(path, BASELINE_FIELDS, (rows[k] for k in order))
+    write_json_atomic(
         paper_dir / "baselines" / f"{column_tag(column)}.json",
         {
             "noise": column,
@@ -671,6 +653,7 @@ def _record_baselines(paper_dir: pathlib.Path, column: str, config: Config, resu
             "profile": result["profile"],
             "baseline_params": result["baseline_params"],
         },
+        indent=1,
     )
 
 
@@ -750,59 +733,60 @@ def _train_stage(
     out = []
     t0 = time.perf_counter()
     # Noise setting by noise setting, so that its test sequences are drawn once (see
-    # eqicl._evaluate.reuse_test_data); shallow cells first within one.
+    # eqicl.SequenceCache); shallow cells first within one.
     todo.sort(key=lambda c: (COLUMNS.index(c.column), c.layers, MODELS.index(c.model)))
-    with reuse_test_data():
-        try:
-            for i, cell in enumerate(todo):
-                config = _resumed_config(
-                    root / cell.name, cell, steps, seeds, extra, stage.settings
-                )
-                if config is None:
-                    waits = recipe.missing_inputs(stage, cell, paper_dir)
-                    if waits:
+    test_cache = SequenceCache()  # the test draw of a noise setting, scored once
+    try:
+        for i, cell in enumerate(todo):
+            config = _resumed_config(root / cell.name, cell, steps, seeds, extra, stage.settings)
+            if config is None:
+                waits = recipe.missing_inputs(stage, cell, paper_dir)
+                if waits:
+                    bar.done(
+                        f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} waits for "
+                        f"{', '.join(waits)} (not recorded yet)",
+                        weights[cell],
+                    )
+                    continue
+                config = cell_config(cell, steps, seeds, extra, settings=stage.settings)
+                if stage.unsound_only:
+                    verdict = _best_so_far(earlier, cell, config)
+                    if verdict is not None:
+                        record_skipped(store, cell, config, verdict)
                         bar.done(
-                            f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} waits for "
-                            f"{', '.join(waits)} (not recorded yet)",
+                            f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name}: not needed "
+                            f"({verdict['why']})",
                             weights[cell],
                         )
                         continue
-                    config = cell_config(cell, steps, seeds, extra, settings=stage.settings)
-                    if stage.unsound_only:
-                        verdict = _best_so_far(earlier, cell, config)
-                        if verdict is not None:
-                            record_skipped(store, cell, config, verdict)
-                            bar.done(
-                                f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name}: not needed "
-                                f"({verdict['why']})",
-                                weights[cell],
-                            )
-                            continue
-                    if stage.warm:
-                        start = warm_start(store, cell, config, also, stage.across_noise)
-                        if start is not None:
-                            config = cell_config(
-                                cell, steps, seeds, extra, str(start), stage.settings
-                            )
-                bar.working(cell.name)
-                result = run(
-                    config, root / cell.name, progress=False, echo=lambda _: None, baselines=False
-                )
-                if result.get("status") == "ok":
-                    record_weights(store, cell, root / cell.name, result)
-                    if config.train.seeds > 1:
-                        result["seed_losses"] = seed_losses(root / cell.name, config)
-                row = record_cell(store, cell, config, result)
-                out.append(row)
-                paper = f" (paper {row['paper']})" if row["paper"] else ""
-                msg = (
-                    f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} (from {row['init']}): "
-                    f"{row['exact']} ± {row['exact_se']}{paper} {row['status']}, "
-                    f"{float(row['train_seconds']):.0f} s train"
-                )
-                bar.done(msg, weights[cell])
-        finally:
-            bar.close()
+                if stage.warm:
+                    start = warm_start(store, cell, config, also, stage.across_noise)
+                    if start is not None:
+                        config = cell_config(cell, steps, seeds, extra, str(start), stage.settings)
+            bar.working(cell.name)
+            result = run(
+                config,
+                root / cell.name,
+                progress=False,
+                echo=lambda _: None,
+                baselines=False,
+                test_cache=test_cache,
+            )
+            if result.get("status") == "ok":
+                record_weights(store, cell, root / cell.name, result)
+                if config.train.seeds > 1:
+                    result["seed_losses"] = seed_losses(root / cell.name, config)
+            row = record_cell(store, cell, config, result)
+            out.append(row)
+            paper = f" (paper {row['paper']})" if row["paper"] else ""
+            msg = (
+                f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} (from {row['init']}): "
+                f"{row['exact']} ± {row['exact_se']}{paper} {row['status']}, "
+                f"{float(row['train_seconds']):.0f} s train"
+            )
+            bar.done(msg, weights[cell])
+    finally:
+        bar.close()
     echo(f"{stage.name}: {len(out)} cells in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -833,9 +817,10 @@ def record_skipped(paper_dir: pathlib.Path, cell: Cell, config: Config, verdict:
     loss inf) and why, in its row and cell file."""
     with _results_lock(paper_dir):
         _record_cell(paper_dir, cell, config, {"status": "skipped"})
-        _write_json(
+        write_json_atomic(
             paper_dir / "cells" / f"{cell.name}.json",
             {"cell": dataclasses.asdict(cell), "config": config.to_dict(), "skipped": verdict},
+            indent=1,
         )
 
 
@@ -945,11 +930,11 @@ def merge(
                 data = json.loads(src.read_text())
                 data["pass"] = best.name
                 data["validation_by_pass"] = {p.name: losses[p] for p in passes}
-                _write_json(paper_dir / "cells" / f"{cell.name}.json", data)
+                write_json_atomic(paper_dir / "cells" / f"{cell.name}.json", data, indent=1)
             if weights_path(best, cell).is_file():
                 weights_path(paper_dir, cell).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(weights_path(best, cell), weights_path(paper_dir, cell))
-        _write_csv(
+        write_csv_atomic(
             paper_dir / "table1.csv", TABLE_FIELDS, (rows[c] for c in sorted(rows, key=_order))
         )
     echo("merged: " + ", ".join(f"{n} cells from {k}" for k, n in counts.items()))
@@ -1001,72 +986,72 @@ def _polish_stage(
     bar = _Progress(len(todo), stage.name, "cell", progress, echo)
     out = []
     t_all = time.perf_counter()
-    with reuse_test_data():
-        try:
-            for i, cell in enumerate(todo):
-                waits = recipe.missing_inputs(stage, cell, paper_dir)
-                source = _best_source(earlier, cell)
-                if waits or source is None:
-                    why = (
-                        f"waits for {', '.join(waits)} (not recorded yet)"
-                        if waits
-                        else ("has no trained candidate to start from (every earlier one failed)")
-                    )
-                    bar.done(f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} {why}")
-                    continue
-                bar.working(cell.name)
-                src = weights_path(source, cell)
-                config = cell_config(cell, iterations, 1, extra, str(src))
-                t0 = time.perf_counter()
-                model = start_model(src, config, eval_dtype())
-                candidates, names = [model], [start_name(src)]
-                if cell.model != "full":
-                    # Not one of the tune / test / profile / select keys (eqicl._evaluate).
-                    key = jr.fold_in(prng_key(config.eval.seed), 4)
-                    firsts = [model] + [
-                        perturb(model, jr.fold_in(key, 1000 + k)) for k in range(1, starts)
-                    ]
-                    polished, _ = polish(firsts, config.task, key, sequences, iterations)
-                    candidates += [cast(m, eval_dtype()) for m in polished]
-                    names += [f"polished start {k}" for k in range(starts)]
-                for narrower in MODELS[: MODELS.index(cell.model)]:
-                    path = weights_path(store, Cell(narrower, cell.layers, cell.column))
-                    if path.is_file():
-                        candidates.append(start_model(path, config, eval_dtype()))
-                        names.append(start_name(path))
-                keys = selection_keys(select_estimates(_stack(candidates), config))
-                losses = np.asarray([loss for _, loss in keys], np.float64)
-                best = min(range(len(keys)), key=lambda k: keys[k])  # sound first
-                train_seconds = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                result = evaluate(candidates[best], config, baselines=False)
-                selection = {
-                    "losses": [float(v) for v in losses],
-                    "sound": [not bad for bad, _ in keys],
-                    "best": best,
-                    "candidates": names,
-                }
-                if not result["model"]["finite"]:
-                    result = {"status": "failed", "reason": "non-finite predictions"}
-                else:
-                    result.update(status="ok", eval_seconds=time.perf_counter() - t1)
-                    save_weights(
-                        candidates[best],
-                        weights_path(store, cell),
-                        select_loss=float(losses[best]),
-                    )
-                result.update(selection=selection, train_seconds=train_seconds)
-                row = record_cell(store, cell, config, result)
-                out.append(row)
-                msg = (
-                    f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name}: {row['exact']} ± "
-                    f"{row['exact_se']} "
-                    f"(paper {row['paper']}), {names[best]}: validation {losses[0]:.4g} -> "
-                    f"{losses[best]:.4g}, {train_seconds:.0f} s"
+    test_cache = SequenceCache()  # the test draw of a noise setting, scored once
+    try:
+        for i, cell in enumerate(todo):
+            waits = recipe.missing_inputs(stage, cell, paper_dir)
+            source = _best_source(earlier, cell)
+            if waits or source is None:
+                why = (
+                    f"waits for {', '.join(waits)} (not recorded yet)"
+                    if waits
+                    else ("has no trained candidate to start from (every earlier one failed)")
                 )
-                bar.done(msg)
-        finally:
-            bar.close()
+                bar.done(f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} {why}")
+                continue
+            bar.working(cell.name)
+            src = weights_path(source, cell)
+            config = cell_config(cell, iterations, 1, extra, str(src))
+            t0 = time.perf_counter()
+            model = start_model(src, config, eval_dtype())
+            candidates, names = [model], [start_name(src)]
+            if cell.model != "full":
+                # Not one of the tune / test / profile / select keys (eqicl._evaluate).
+                key = jr.fold_in(prng_key(config.eval.seed), 4)
+                firsts = [model] + [
+                    perturb(model, jr.fold_in(key, 1000 + k)) for k in range(1, starts)
+                ]
+                polished, _ = polish(firsts, config.task, key, sequences, iterations)
+                candidates += [cast(m, eval_dtype()) for m in polished]
+                names += [f"polished start {k}" for k in range(starts)]
+            for narrower in MODELS[: MODELS.index(cell.model)]:
+                path = weights_path(store, Cell(narrower, cell.layers, cell.column))
+                if path.is_file():
+                    candidates.append(start_model(path, config, eval_dtype()))
+                    names.append(start_name(path))
+            keys = selection_keys(select_estimates(_stack(candidates), config))
+            losses = np.asarray([loss for _, loss in keys], np.float64)
+            best = min(range(len(keys)), key=lambda k: keys[k])  # sound first
+            train_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result = evaluate(candidates[best], config, baselines=False, test_cache=test_cache)
+            selection = {
+                "losses": [float(v) for v in losses],
+                "sound": [not bad for bad, _ in keys],
+                "best": best,
+                "candidates": names,
+            }
+            if not result["model"]["finite"]:
+                result = {"status": "failed", "reason": "non-finite predictions"}
+            else:
+                result.update(status="ok", eval_seconds=time.perf_counter() - t1)
+                save_weights(
+                    candidates[best],
+                    weights_path(store, cell),
+                    select_loss=float(losses[best]),
+                )
+            result.update(selection=selection, train_seconds=train_seconds)
+            row = record_cell(store, cell, config, result)
+            out.append(row)
+            msg = (
+                f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name}: {row['exact']} ± "
+                f"{row['exact_se']} "
+                f"(paper {row['paper']}), {names[best]}: validation {losses[0]:.4g} -> "
+                f"{losses[best]:.4g}, {train_seconds:.0f} s"
+            )
+            bar.done(msg)
+    finally:
+        bar.close()
     echo(f"{stage.name}: {len(out)} cells in {time.perf_counter() - t_all:.0f} s")
     return out
 

@@ -1,9 +1,7 @@
 """Training: an ensemble of seeds trained together, many jitted steps per call, per-step data
-from `fold_in(data_key, step)`, orbax checkpoints, resume by default."""
+from `fold_in(data_key, step)`. The host loop with its checkpoints and guard: eqicl._run."""
 
 import contextlib
-import json
-import os
 import time
 from collections.abc import Callable
 
@@ -11,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
@@ -69,9 +68,13 @@ def learning_rate(train: TrainConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """Adam with the configured schedule, after global-norm clipping (if `clip` > 0)."""
-    adam = optax.adam(learning_rate(train), b1=train.b1, b2=train.b2)
+def make_optimizer(
+    train: TrainConfig, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """Adam with the configured schedule (`learning_rate(train)` unless given), after
+    global-norm clipping (if `clip` > 0)."""
+    schedule = learning_rate(train) if schedule is None else schedule
+    adam = optax.adam(schedule, b1=train.b1, b2=train.b2)
     if train.clip > 0:
         return optax.chain(optax.clip_by_global_norm(train.clip), adam)
     return adam
@@ -131,10 +134,17 @@ def sample_train_data(
     return batch, None
 
 
-def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
+def init_state(
+    config: Config,
+    member: Int[Array, ""] | int,
+    optimizer: optax.GradientTransformation | None = None,
+) -> TrainState:
+    """Ensemble member `member`'s state at step 0 (`optimizer`: `make_optimizer(config.train)`
+    unless given)."""
     model_key, _ = member_keys(config.seed, member)
     model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
-    opt_state = make_optimizer(config.train).init(eqx.filter(model, eqx.is_inexact_array))
+    optimizer = make_optimizer(config.train) if optimizer is None else optimizer
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     dtype = train_dtype(config.train)
     return TrainState(
         model=model,
@@ -147,9 +157,13 @@ def init_state(config: Config, member: Int[Array, ""] | int) -> TrainState:
     )
 
 
-def init_ensemble(config: Config) -> TrainState:
+def init_ensemble(
+    config: Config, optimizer: optax.GradientTransformation | None = None
+) -> TrainState:
     """`train.seeds` members stacked along a leading axis."""
-    return eqx.filter_vmap(lambda m: init_state(config, m))(jnp.arange(config.train.seeds))
+    return eqx.filter_vmap(lambda m: init_state(config, m, optimizer))(
+        jnp.arange(config.train.seeds)
+    )
 
 
 def _all_finite(tree) -> Bool[Array, ""]:
@@ -160,12 +174,15 @@ def _all_finite(tree) -> Bool[Array, ""]:
 
 
 def train_step(
-    state: TrainState, member: Int[Array, ""], config: Config
+    state: TrainState,
+    member: Int[Array, ""],
+    config: Config,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, tuple[Float[Array, ""], Bool[Array, ""]]]:
     """One optimizer step on a fresh batch, its update scaled by `state.lr_scale`. A step whose
     loss or gradient is not finite is not applied (reported as skipped and counted in
-    `state.skipped`)."""
-    optimizer = make_optimizer(config.train)
+    `state.skipped`). `optimizer`: `make_optimizer(config.train)` unless given."""
+    optimizer = make_optimizer(config.train) if optimizer is None else optimizer
     _, data_key = member_keys(config.seed, member)
     batch, log_weight = sample_train_data(jr.fold_in(data_key, state.step), config)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train, log_weight)
@@ -196,13 +213,16 @@ def train_step(
     return new, (loss, ~ok)
 
 
-def make_train_chunk(config: Config, num_steps: int):
+def make_train_chunk(
+    config: Config, num_steps: int, optimizer: optax.GradientTransformation | None = None
+):
     """A jitted function advancing every ensemble member by `num_steps` steps (one
     `lax.scan`), returning the new states and each member's per-step losses and skips."""
+    optimizer = make_optimizer(config.train) if optimizer is None else optimizer
 
     def member_chunk(state, member):
         return jax.lax.scan(
-            lambda s, _: train_step(s, member, config), state, None, length=num_steps
+            lambda s, _: train_step(s, member, config, optimizer), state, None, length=num_steps
         )
 
     @eqx.filter_jit(donate="all-except-first")
@@ -212,54 +232,69 @@ def make_train_chunk(config: Config, num_steps: int):
     return chunk
 
 
-def train_loop(
-    config: Config,
-    state: TrainState,
-    on_chunk: Callable[[TrainState, dict], TrainState | None] | None = None,
-) -> TrainState:
-    """Advance a stacked ensemble state to `train.steps`, `train.steps_per_call` steps per call.
-    `on_chunk(state, metrics)` runs after every call (logging, checkpoints, the divergence
-    guard); if it returns a state, training continues from that one (e.g. a rollback).
+class Trainer:
+    """The training of one config, built once: its learning-rate schedule and optimizer, its
+    device mesh, and its jitted chunks (one compiled program per chunk length). `init()` is
+    the ensemble at step 0; `advance(state)` is one jitted call of `train.steps_per_call`
+    steps (fewer at the end) and returns the new state with that call's metrics. The host
+    loop around it (logging, the divergence guard, checkpoints, signals) is `eqicl.run`'s;
+    `train_loop` is the same loop without them.
 
     On several devices (`train.devices`) the state is replicated over a "data" mesh and
     every step's batch is sharded over it; the result equals one device's up to round-off."""
-    tc = config.train
-    members = jnp.arange(tc.seeds)
-    chunks: dict[int, Callable] = {}
-    step = int(state.step[0])
-    schedule = learning_rate(tc)
-    mesh = data_mesh(tc)
-    if mesh is not None:
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state = eqx.filter_shard(state, replicated)
-        members = eqx.filter_shard(members, replicated)
-    while step < tc.steps:
-        k = min(tc.steps_per_call, tc.steps - step)
-        if k not in chunks:
-            chunks[k] = make_train_chunk(config, k)
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.schedule = learning_rate(config.train)
+        self.optimizer = make_optimizer(config.train, self.schedule)
+        self.mesh = data_mesh(config.train)
+        self._chunks: dict[int, Callable] = {}
+
+    def init(self) -> TrainState:
+        return init_ensemble(self.config, self.optimizer)
+
+    def _place(self, tree):
+        if self.mesh is None:
+            return tree
+        return eqx.filter_shard(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+    def advance(self, state: TrainState) -> tuple[TrainState, dict]:
+        """One jitted call from `state` (which must be short of `train.steps`). The metrics:
+        the step reached; every member's mean loss over the call, last loss and number of
+        skipped steps; the learning rate each member used at the last step (the schedule's
+        times its `lr_scale`), its `lr_scale`, and the call's seconds."""
+        tc = self.config.train
+        k = min(tc.steps_per_call, tc.steps - int(state.step[0]))
+        if k <= 0:
+            raise ValueError(f"the state is at step {int(state.step[0])} of {tc.steps}")
+        if k not in self._chunks:
+            self._chunks[k] = make_train_chunk(self.config, k, self.optimizer)
+        members, state = self._place((jnp.arange(tc.seeds), state))
         t0 = time.perf_counter()
-        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-            state, (losses, skipped) = chunks[k](members, state)
-        losses = jax.device_get(losses)
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            state, (losses, skipped) = self._chunks[k](members, state)
+        losses, skipped = jax.device_get((losses, skipped))
         step = int(state.step[0])
+        rate = float(self.schedule(step - 1))
+        lr_scale = [float(v) for v in np.asarray(state.lr_scale)]
         metrics = {
             "step": step,
             "loss": [float(v) for v in losses.mean(axis=1)],
             "last_loss": [float(v) for v in losses[:, -1]],
-            "skipped": [int(v) for v in jax.device_get(skipped).sum(axis=1)],
-            "lr": float(schedule(step - 1)),
+            "skipped": [int(v) for v in skipped.sum(axis=1)],
+            "lr": [rate * v for v in lr_scale],
+            "lr_scale": lr_scale,
             "seconds": time.perf_counter() - t0,
         }
-        if on_chunk is not None:
-            replaced = on_chunk(state, metrics)
-            if replaced is not None:
-                state = replaced
-                step = int(state.step[0])
+        return state, metrics
+
+
+def train_loop(config: Config, state: TrainState | None = None) -> TrainState:
+    """Advance a stacked ensemble state (default: `init_ensemble(config)`) to `train.steps`,
+    `train.steps_per_call` steps per jitted call, with nothing around it: no logging, no
+    divergence guard, no checkpoints (`eqicl.run` has them)."""
+    trainer = Trainer(config)
+    state = trainer.init() if state is None else state
+    while int(state.step[0]) < config.train.steps:
+        state, _ = trainer.advance(state)
     return state
-
-
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
