@@ -541,7 +541,7 @@ def test_the_table_and_the_listing_take_a_sound_candidate_over_an_unsound_one(tm
     """The merge and `--list` rank as every choice does: cold's DIAG candidate has the lower
     validation loss but is unsound on validation, so the table takes warm's, and the listing
     says so (it named the lower loss's stage, not the table's pick)."""
-    from eqicl._sweep import _write_csv
+    from eqicl._files import write_csv_atomic as _write_csv
 
     cell = Cell("diag", 2, "3")
     recipe = Recipe((Train("cold"), Train("warm", warm=True, starts_from=("cold",))))
@@ -565,7 +565,7 @@ def test_the_table_is_each_cells_best_candidate_by_validation_loss(tmp_path, cap
     """Cell by cell the lower validation loss wins (never the test loss); its row, cell file
     and weights are copied and the row names the stage; a stage missing a cell does not
     count; candidates validated by different estimators are refused, not compared."""
-    from eqicl._sweep import _write_csv
+    from eqicl._files import write_csv_atomic as _write_csv
 
     cells = [Cell("diag", 2, "3"), Cell("full", 2, "3")]
     recipe = Recipe((Train("cold"), Train("warm", warm=True, starts_from=("cold",))))
@@ -611,7 +611,7 @@ def _recorded_candidate(paper, stage, cell, source, extra):
     """`source` (a weights file) recorded as `stage`'s candidate of `cell`, as a stage would."""
     import shutil
 
-    from eqicl._sweep import _write_csv, _write_json
+    from eqicl._files import write_csv_atomic as _write_csv, write_json_atomic as _write_json
 
     d = stage_dir(paper, stage)
     weights_path(d, cell).parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def save_checkpoint(manager, state: TrainState) -> None:
         raise ValueError("refusing to checkpoint a training state with non-finite values")
     step = int(state.step[0])
     meta = {"step": step, "arrays": _signature(arrays), "sha256": _digest(arrays)}
-    _faults.before_save(step)
+    _faults.before_save(step, manager.directory)
     try:
         manager.save(
             step,

@@ -162,7 +162,10 @@ def _test_data(
     return cache.get(config, part, index, dt, draw)
 
 
-def _keys(config: Config) -> dict[str, PRNGKeyArray]:
+def eval_keys(config: Config) -> dict[str, PRNGKeyArray]:
+    """The evaluation's keys, by use, all from `eval.seed`: baseline tuning, the test
+    sequences, the per-variance profile, the selection's validation sequences, and the
+    tail-aware estimate. Everything that scores on one of these draws takes its key here."""
     base = prng_key(config.eval.seed)
     return {
         name: jr.fold_in(base, i)
@@ -174,7 +177,9 @@ def _keys(config: Config) -> dict[str, PRNGKeyArray]:
 def tune(config: Config) -> TunedBaselines:
     """Baselines tuned on `eval.tune_sequences` sequences kept apart from the test ones."""
     dt = eval_dtype()
-    sp = spectral(sample_batch(_keys(config)["tune"], config.task, config.eval.tune_sequences, dt))
+    sp = spectral(
+        sample_batch(eval_keys(config)["tune"], config.task, config.eval.tune_sequences, dt)
+    )
     return tune_baselines(sp, gd_steps=config.model.layers)
 
 
@@ -183,11 +188,11 @@ def select_estimates(models: LinearTransformer, config: Config) -> list[dict]:
     adjusted loss after the last layer on `train.select_sequences` held-out sequences drawn
     from the selection's proposal (`train.select_proposal_*`) and importance-weighted, as an
     `eqicl.summarize` dict (mean, se, max, top_share, ...)."""
-    members = {str(i): _member(models, i) for i in range(_num_members(models))}
+    members = {str(i): ensemble_member(models, i) for i in range(_num_members(models))}
     est = estimate_all(
         members,
         config.task,
-        _keys(config)["select"],
+        eval_keys(config)["select"],
         max(config.train.select_sequences, 2),
         config.train.select_proposal,
         chunk=config.eval.chunk,
@@ -235,7 +240,8 @@ def _num_members(models) -> int:
     return jax.tree.leaves(eqx.filter(models, eqx.is_array))[0].shape[0]
 
 
-def _member(models, i: int):
+def ensemble_member(models, i: int):
+    """Member `i` of a stacked ensemble (a model or a training state with a leading axis)."""
     dynamic, static = eqx.partition(models, eqx.is_array)
     return eqx.combine(jax.tree.map(lambda a: a[i], dynamic), static)
 
@@ -259,7 +265,7 @@ def evaluate(
     the test sequences come from (and go into) that cache; the numbers are the same."""
     dt = eval_dtype()
     model = cast(model, dt) if model is not None else None
-    keys = _keys(config)
+    keys = eval_keys(config)
     say = progress or (lambda _: None)
     tuned = None
     if baselines:
@@ -347,7 +353,7 @@ def profile(
         "oracle_unadjusted": [],
     }
     root_n = math.sqrt(ec.profile_sequences)
-    key = _keys(config)["profile"]
+    key = eval_keys(config)["profile"]
     for i, s in enumerate(sigmas):
         batch, sp = _test_data(
             config,

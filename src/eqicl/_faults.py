@@ -7,6 +7,9 @@ variable (unset: every hook is a no-op and adds nothing to the jitted step).
   after the jitted call that reaches step S has been logged, before any checkpoint of S;
 - `kill-in-save@S`: SIGKILL inside the write of checkpoint S, after orbax has written every
   file into its temporary directory and before it commits it (the worst moment to die);
+- `fill-before-save@S`: fill the file system of the run directory (a file `.eqicl-fill`
+  beside the run directory) right before checkpoint S is written, so that this write and
+  no earlier one meets a full disk;
 - `nan@A-B[/M]`: the gradient of steps A..B (of member M, default every member) is NaN, on the
   first pass only (a transient fault: the steps replayed after a rollback are clean);
   `nan-always@A-B[/M]`: on every pass (a persistent fault);
@@ -16,6 +19,7 @@ variable (unset: every hook is a no-op and adds nothing to the jitted step).
 Faults are tied to steps, not to times, so a test hits the same moment on every run.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -28,7 +32,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._config import ConfigError
 
 ENV = "EQICL_FAULT"
-_SIGNAL_FAULT = re.compile(r"(kill|int|term|kill-in-save)@(\d+)")
+_SIGNAL_FAULT = re.compile(r"(kill|int|term|kill-in-save|fill-before-save)@(\d+)")
 _STEP_FAULT = re.compile(r"(nan|nan-always|big)@(\d+)(?:-(\d+))?(?:/(\d+))?")
 _SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
 
@@ -63,8 +67,11 @@ def after_call(step: int) -> None:
             os.kill(os.getpid(), _SIGNALS[f.kind])
 
 
-def before_save(step: int) -> None:
-    """Arm `kill-in-save@step`: SIGKILL when orbax is about to commit checkpoint `step`."""
+def before_save(step: int, directory: str | os.PathLike) -> None:
+    """Arm `kill-in-save@step` (SIGKILL when orbax is about to commit checkpoint `step`) and
+    apply `fill-before-save@step` (`directory`: the checkpoints directory)."""
+    if any(f.kind == "fill-before-save" and f.start == step for f in faults()):
+        _fill(os.path.dirname(os.path.dirname(os.path.abspath(directory))))
     if not any(f.kind == "kill-in-save" and f.start == step for f in faults()):
         return
     # A private orbax class: only ever touched under this test-only variable. If orbax
@@ -80,6 +87,18 @@ def before_save(step: int) -> None:
         return await original(self)
 
     cls.finalize = finalize
+
+
+def _fill(where: str) -> None:
+    """Write zeros into `where`/.eqicl-fill until the file system is full."""
+    block = bytes(4096)
+    with open(os.path.join(where, ".eqicl-fill"), "ab", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while f.write(block):
+                pass
+        with contextlib.suppress(OSError):  # the last partial block
+            while f.write(b"\0"):
+                pass
 
 
 def corrupt_gradient(

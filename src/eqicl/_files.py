@@ -86,10 +86,13 @@ def write_csv_atomic(path: str | os.PathLike, fields: Sequence[str], rows: Itera
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and sync it (a crash can tear only the last line; readers of
     metrics.jsonl stop at a torn one)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: the torn line is cut on resume
+        raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def stderr_warning(message: str) -> None:

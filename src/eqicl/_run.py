@@ -43,8 +43,8 @@ from ._checkpoint import (
 from ._config import Config, ConfigError, TrainConfig
 from ._evaluate import (
     SequenceCache,
-    _member,
     cast,
+    ensemble_member,
     eval_dtype,
     evaluate as evaluate_model,
     select_estimates,
@@ -120,12 +120,14 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         raise RunDirError(f"{path}: {e}") from None
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Every key where the config dicts `a` (a run directory's) and `b` (the one asked
+    for) differ, as "key: a in the directory, b asked"."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
+            out += config_differences(va, vb, f"{prefix}{k}.")
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} in the directory, {vb!r} asked")
     return out
@@ -139,7 +141,7 @@ def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
         raise RunDirError(f"{path} exists and is not a directory")
     if (path / "config.json").exists():
         existing = read_run_config(path)
-        diffs = _diff(existing.to_dict(), config.to_dict())
+        diffs = config_differences(existing.to_dict(), config.to_dict())
         if diffs:
             raise RunDirError(
                 f"{path} holds a run with a different config ({diffs[0]}"
@@ -238,7 +240,7 @@ def load_model(run_dir: str | os.PathLike, member: int | None = None, step: int 
         state = restore_checkpoint(path, config)
     if state is None:
         raise RunDirError(f"{path} has no intact checkpoint")
-    return _member(state.model, member), config
+    return ensemble_member(state.model, member), config
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,7 +693,7 @@ def finish(
     t0 = time.perf_counter()
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite numbers: see sanity()
         result = evaluate_model(
-            _member(state.model, best), config, baselines=baselines, test_cache=test_cache
+            ensemble_member(state.model, best), config, baselines=baselines, test_cache=test_cache
         )
     if not result["model"]["finite"]:
         result = _failed(

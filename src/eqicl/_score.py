@@ -120,7 +120,7 @@ def score_table(
     from tqdm import tqdm
 
     from ._model import load_weights
-    from ._sweep import COLUMNS, _results_lock, read_table, weights_path, write_table
+    from ._sweep import COLUMNS, read_table, results_lock, weights_path, write_table
 
     table = paper_dir / "table1.csv"
     rows = read_table(table)
@@ -155,7 +155,7 @@ def score_table(
                 chunk,
                 lambda d, base=base: bar.update(base + d - bar.n),
             )
-            with _results_lock(paper_dir):  # a row at a time, so an interruption keeps what is done
+            with results_lock(paper_dir):  # a row at a time, so an interruption keeps what is done
                 rows = read_table(table)
                 for c in group:
                     e = est[c.name]

@@ -407,7 +407,7 @@ def _fmt(x: float) -> str:
 
 
 @contextlib.contextmanager
-def _results_lock(paper_dir: pathlib.Path):
+def results_lock(paper_dir: pathlib.Path):
     """Exclusive use of the results files while one is read, changed and rewritten, so that
     sweeps of disjoint cells may run at the same time (e.g. one per noise setting)."""
     paper_dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +421,7 @@ def _results_lock(paper_dir: pathlib.Path):
 
 def record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: dict) -> dict:
     """Add (or replace) one cell in table1.csv and write its cells/<name>.json."""
-    with _results_lock(paper_dir):
+    with results_lock(paper_dir):
         return _record_cell(paper_dir, cell, config, result)
 
 
@@ -531,7 +531,7 @@ def _foreign_run_dirs(
     """The run directories of `cells` that hold a run the sweep would not resume (what
     `_resumed_config` refuses: another config than the recipe's, whatever its start), each
     with its first difference."""
-    from ._run import RunDirError, _diff, read_run_config
+    from ._run import RunDirError, config_differences, read_run_config
 
     out = []
     for cell in cells:
@@ -544,7 +544,7 @@ def _foreign_run_dirs(
         except (RunDirError, ConfigError) as e:
             out.append(f"{run_dir} ({e})")
             continue
-        diffs = _diff(config.to_dict(), asked.to_dict())
+        diffs = config_differences(config.to_dict(), asked.to_dict())
         if diffs:
             out.append(f"{run_dir} ({diffs[0]})")
     return out
@@ -593,7 +593,7 @@ def seed_losses(run_dir: pathlib.Path, config: Config) -> list[dict]:
     `after_layer`, the mean and se after every layer (Figure 5's bands)."""
     import jax.random as jr
 
-    from ._evaluate import _keys, estimate_all
+    from ._evaluate import estimate_all, eval_keys
     from ._run import load_model
     from ._tail import PLAIN
 
@@ -604,7 +604,7 @@ def seed_losses(run_dir: pathlib.Path, config: Config) -> list[dict]:
     est = estimate_all(
         models,
         config.task,
-        jr.fold_in(_keys(config)["test"], 1),
+        jr.fold_in(eval_keys(config)["test"], 1),
         config.eval.sequences,
         PLAIN,
         chunk=config.eval.chunk,
@@ -622,7 +622,7 @@ def seed_losses(run_dir: pathlib.Path, config: Config) -> list[dict]:
 def record_baselines(paper_dir: pathlib.Path, column: str, config: Config) -> None:
     """Score the baselines once for a noise setting (same test sequences as the cells)."""
     result = evaluate_baselines(config)
-    with _results_lock(paper_dir):
+    with results_lock(paper_dir):
         _record_baselines(paper_dir, column, config, result)
 
 
@@ -815,7 +815,7 @@ def _best_so_far(stage_dirs: Sequence[pathlib.Path], cell: Cell, config: Config)
 def record_skipped(paper_dir: pathlib.Path, cell: Cell, config: Config, verdict: dict) -> None:
     """Record that a stage did not train `cell` (status "skipped", no weights, validation
     loss inf) and why, in its row and cell file."""
-    with _results_lock(paper_dir):
+    with results_lock(paper_dir):
         _record_cell(paper_dir, cell, config, {"status": "skipped"})
         write_json_atomic(
             paper_dir / "cells" / f"{cell.name}.json",
@@ -918,7 +918,7 @@ def merge(
 
     tables, choices = merge_choices(passes)
     counts = {p.name: 0 for p in passes}
-    with _results_lock(paper_dir):
+    with results_lock(paper_dir):
         rows = read_table(paper_dir / "table1.csv")
         for cell, best, losses in choices:
             counts[best.name] += 1
