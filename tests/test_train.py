@@ -98,6 +98,59 @@ def test_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_checkpoint_is_a_named_tree_plain_orbax_reads(tmp_path):
+    """A checkpoint's state item is the state's arrays named by their place (model → layers →
+    p, opt_state → ..., step): plain orbax restores it without eqicl, array for array."""
+    import orbax.checkpoint as ocp
+
+    config = _tiny()
+    state = eqicl.init_ensemble(config)
+    state = eqx.tree_at(lambda s: s.step, state, state.step + 20)
+    manager = checkpoint_manager(tmp_path)
+    save_checkpoint(manager, state)
+    manager.close()
+    plain = ocp.StandardCheckpointer().restore(
+        (tmp_path / "checkpoints" / "20" / "state").absolute()
+    )
+    np.testing.assert_array_equal(plain["model"]["layers"]["p"], state.model.layers.p)
+    np.testing.assert_array_equal(plain["step"], state.step)
+    np.testing.assert_array_equal(plain["recent"], state.recent)
+    assert {"model", "opt_state", "step", "lr_scale", "rollbacks", "skipped", "recent"} == set(
+        plain
+    )
+
+
+def test_a_checkpoint_of_the_earlier_flat_layout_still_restores(tmp_path):
+    """Checkpoints written before the named layout (leaves under "00000", "00001", ...; no
+    "layout" in their metadata) restore into the same state."""
+    import orbax.checkpoint as ocp
+
+    from eqicl import _checkpoint
+
+    config = _tiny()
+    state = eqicl.init_ensemble(config)
+    state = eqx.tree_at(lambda s: s.step, state, state.step + 20)
+    arrays = _arrays(state)
+    meta = {
+        "step": 20,
+        "arrays": _checkpoint._signature(arrays),
+        "sha256": _checkpoint._digest(arrays),
+    }
+    manager = checkpoint_manager(tmp_path)
+    manager.save(
+        20,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_checkpoint._as_dict(arrays)), meta=ocp.args.JsonSave(meta)
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    back = restore_checkpoint(tmp_path, config)
+    for x, y in zip(arrays, _arrays(back), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
 def test_load_model_gives_the_selected_seed(tiny_run):
     model, config = eqicl.load_model(tiny_run)
     ev = json.loads((tiny_run / "eval.json").read_text())

@@ -123,13 +123,19 @@ def save_checkpoint(manager, state: TrainState) -> None:
     if not finite_state(state):
         raise ValueError("refusing to checkpoint a training state with non-finite values")
     step = int(state.step[0])
-    meta = {"step": step, "arrays": _signature(arrays), "sha256": _digest(arrays)}
+    meta = {
+        "step": step,
+        "layout": "named",
+        "arrays": _signature(arrays),
+        "sha256": _digest(arrays),
+    }
     _faults.before_save(step, manager.directory)
     try:
         manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_as_dict(arrays)), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(_named(eqx.filter(state, eqx.is_array))),
+                meta=ocp.args.JsonSave(meta),
             ),
             force=True,
         )
@@ -145,9 +151,46 @@ def save_checkpoint(manager, state: TrainState) -> None:
         ) from None
 
 
+def _key_name(key) -> str:
+    for field in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
+        if hasattr(key, field):
+            return str(getattr(key, field))
+    return str(key)
+
+
+def _paths(tree) -> list[tuple[str, ...]]:
+    """Every array's place in the state, in leaf order: ("model", "layers", "p"), ..."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [tuple(_key_name(k) for k in path) for path, _ in leaves]
+
+
+def _named(tree) -> dict:
+    """The state's arrays as a nested dict named by their place in it (model → layers → p,
+    opt_state → 0 → mu → ...): what plain orbax shows of a checkpoint. The state itself is
+    rebuilt from the config (`skeleton`; static fields are never saved)."""
+    out: dict = {}
+    for path, leaf in zip(_paths(tree), jax.tree.leaves(tree), strict=True):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _unnamed(tree, named: dict) -> list:
+    """The leaves of `named` (a restored `_named(tree)`) in `tree`'s leaf order."""
+    out = []
+    for path in _paths(tree):
+        node = named
+        for k in path:
+            node = node[k]
+        out.append(node)
+    return out
+
+
 def _as_dict(leaves: list) -> dict:
-    # The state's leaves in order, under zero-padded keys: orbax stores dicts by key, and the
-    # structure itself is rebuilt from the config (static fields are never saved).
+    # Checkpoints of earlier versions (no "layout" in their metadata): the leaves in order
+    # under zero-padded keys.
     return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
 
 
@@ -182,11 +225,13 @@ def _restore_step(manager, step: int, config: Config, where: str) -> TrainState:
     dynamic, static = eqx.partition(skeleton(config), _is_shape)
     abstract = jax.tree.leaves(dynamic)
     _check_shapes(meta, _signature(abstract), where)
+    named = meta.get("layout") == "named"
+    target = _named(dynamic) if named else _as_dict(abstract)
     try:
         restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_dict(abstract)))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )["state"]
-        restored = [restored[k] for k in sorted(restored)]
+        restored = _unnamed(dynamic, restored) if named else [restored[k] for k in sorted(restored)]
     except Exception as e:
         raise _Corrupt(f"its arrays cannot be read: {type(e).__name__}") from None
     arrays = [np.asarray(a) for a in restored]
