@@ -72,3 +72,65 @@ def test_batch_must_divide(devices):
 
     with pytest.raises(eqicl.ConfigError, match="multiple of train.devices"):
         eqicl.preset("tiny", [f"train.devices={devices}"])
+
+
+RESUME = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import equinox as eqx
+    import numpy as np
+    import eqicl
+    from eqicl import _run
+    from eqicl._checkpoint import restore_checkpoint
+
+    root = sys.argv[1]
+    small = ["train.dtype=float64", "train.steps=40", "train.checkpoint_every=20"]
+    one = eqicl.preset("tiny", [*small, "train.devices=1"])
+    two = eqicl.preset("tiny", [*small, "train.devices=2"])
+    quiet = dict(progress=False, echo=lambda _: None, evaluate=False)
+    eqicl.run(one, root + "/whole", **quiet)
+    os.environ["EQICL_FAULT"] = "int@20"  # SIGINT after step 20: checkpoint 20, then stop
+    try:
+        eqicl.run(one, root + "/moved", **quiet)
+    except _run.Interrupted:
+        pass
+    os.environ["EQICL_FAULT"] = ""
+    said = []
+    eqicl.run(two, root + "/moved", progress=False, echo=said.append, evaluate=False)
+    a, b = (
+        [np.asarray(x) for x in jax.tree.leaves(eqx.filter(restore_checkpoint(
+            __import__("pathlib").Path(root) / name, one), eqx.is_array))]
+        for name in ("whole", "moved")
+    )
+    out = {
+        "said": said,
+        "diff": max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-300))
+                    for x, y in zip(a, b)),
+        "step": int(restore_checkpoint(__import__("pathlib").Path(root) / "moved", one).step[0]),
+    }
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_a_run_resumes_on_another_number_of_devices(tmp_path):
+    """train.devices is not part of a run's identity: a run that began on one device resumes
+    on two, says so, and ends where the unbroken one-device run ends up to round-off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "EQICL_FAULT")}
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUME, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT ") :])
+    assert out["step"] == 40
+    assert out["said"][0].endswith("from step 20"), out
+    assert out["said"][1].startswith("(train.devices=2 now, 1 when the run began"), out
+    assert out["diff"] < 1e-10, out

@@ -120,15 +120,21 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         raise RunDirError(f"{path}: {e}") from None
 
 
+# Fields that say where a run computes, not what: a run resumes under other values of them
+# (on another number of devices its numbers agree up to round-off, not bitwise).
+NOT_IDENTITY = frozenset({"train.devices"})
+
+
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Every key where the config dicts `a` (a run directory's) and `b` (the one asked
-    for) differ, as "key: a in the directory, b asked"."""
+    for) differ, as "key: a in the directory, b asked"; the fields in NOT_IDENTITY are no
+    difference."""
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += config_differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
+        elif va != vb and f"{prefix}{k}" not in NOT_IDENTITY:
             out.append(f"{prefix}{k}: {va!r} in the directory, {vb!r} asked")
     return out
 
@@ -752,6 +758,12 @@ def run(
             start = int(state.step[0])
             _truncate_metrics_for_resume(metrics_path, start, warn)
             echo(f"resuming {path} from step {start}")
+            began = read_run_config(path).train.devices
+            if began != config.train.devices:
+                echo(
+                    f"(train.devices={config.train.devices} now, {began} when the run began: "
+                    "the numbers agree with an unbroken run up to round-off, not bitwise)"
+                )
         eval_path = path / "eval.json"
         if start >= config.train.steps and eval_path.is_file():
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):

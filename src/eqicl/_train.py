@@ -254,9 +254,13 @@ class Trainer:
         return init_ensemble(self.config, self.optimizer)
 
     def _place(self, tree):
+        """Replicated over the mesh, wherever the arrays are now (a state restored from a
+        checkpoint lives on one device; `device_put` moves it, a no-op once placed)."""
         if self.mesh is None:
             return tree
-        return eqx.filter_shard(tree, NamedSharding(self.mesh, PartitionSpec()))
+        dynamic, static = eqx.partition(tree, eqx.is_array)
+        dynamic = jax.device_put(dynamic, NamedSharding(self.mesh, PartitionSpec()))
+        return eqx.combine(dynamic, static)
 
     def advance(self, state: TrainState) -> tuple[TrainState, dict]:
         """One jitted call from `state` (which must be short of `train.steps`). The metrics:
