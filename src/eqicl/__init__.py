@@ -40,6 +40,7 @@ from ._evaluate import (
     profile as profile,
 )
 from ._model import (
+    VARIANTS as VARIANTS,
     AbstractDiagAttention as AbstractDiagAttention,
     AbstractLinearAttention as AbstractLinearAttention,
     DiagAttention as DiagAttention,
