@@ -338,7 +338,7 @@ def test_every_variant_states_consistent_facts():
     assert set(variants) == set(typing.get_args(ModelKind))
     assert len({cls.label for cls in variants.values()}) == len(variants)
     for kind, cls in variants.items():
-        assert cls.kind == kind
+        assert cls.kind == kind and eqicl.MODEL_ROWS[kind] == cls.label
         arrays = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")}
         assert set(cls.fields) == arrays and cls.fields[0] == "p"
         assert kind in cls.embeds and set(cls.embeds) <= set(variants)
