@@ -43,7 +43,9 @@ class AbstractLinearAttention(eqx.Module):
       included), by `embed`;
     - `init_arrays`, `from_arrays` / `stacked`, `rescaled`, `embed` and `kernel_operands`.
 
-    `VARIANTS` maps every kind to its class.
+    `VARIANTS` maps every kind to its class; a config accepts a kind listed in
+    `eqicl._config.ModelKind` too (that module cannot import these classes; a test checks
+    that the two lists agree).
     """
 
     kind: ClassVar[str]
@@ -84,7 +86,8 @@ class AbstractLinearAttention(eqx.Module):
 
     @classmethod
     def from_arrays(cls, arrays: dict, d: int, scale_n: float = 1.0, scale_s: float = 1.0):
-        """A layer from its parameter arrays (`fields`) and its units."""
+        """A layer from its parameter arrays (`fields`), the input dimension d (for the classes
+        that store it) and its units."""
         return cls(**arrays, scale_n=scale_n, scale_s=scale_s)
 
     @classmethod
