@@ -5,7 +5,6 @@ Lemma 4.4 momentum view, on a model and a batch (no run directory needed).
 Batch-level functions return plain dicts of Python floats and lists, ready for JSON.
 """
 
-import math
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -16,25 +15,12 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import eqicl
+from eqicl import mean_se
 
 from ._terms import Momentum, Terms, momentum_view, reconstruct_tokens, rss, theorem41_terms
 
 # λ values for "ridge with other λ" (0 is OLS, minimum-norm when Σ is singular).
 LAMBDAS = np.concatenate([[0.0], np.logspace(-3, 3, 61)])
-
-
-def _kind(model: eqicl.LinearTransformer) -> str:
-    if isinstance(model.layers, eqicl.GDPPAttention):
-        return "gdpp"
-    if isinstance(model.layers, eqicl.DiagAttention):
-        return "diag"
-    return "full"
-
-
-def _mean_se(values) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
-    return {"mean": float(v.mean()), "se": se}
 
 
 def _range(values) -> list[float]:
@@ -146,14 +132,6 @@ def full_structure(model: eqicl.LinearTransformer) -> list[list[dict]]:
 
 
 @jax.jit
-def _eigen(x, y):
-    sig = jnp.einsum("bni,bnj->bij", x, x)
-    alpha = jnp.einsum("bni,bn->bi", x, y)
-    e, v = jnp.linalg.eigh(sig)
-    return jnp.maximum(e, 0.0), v, jnp.einsum("bji,bj->bi", v, alpha)
-
-
-@jax.jit
 def _ridge_distances(e, a, wc, lams):
     """½‖w − (Σ + λI)⁻¹α‖² for every λ (rows), sequence and layer, in eigen-coordinates;
     λ = 0 is the minimum-norm least-squares solution."""
@@ -175,7 +153,8 @@ def weight_distances(
     to ridge with every λ in `lambdas`, and the λ that fits w^l best. `ridge_loss` is each
     ridge solution's own adjusted loss on the batch and `best_constant_*` the best single λ
     (ConstRR tuned on these very sequences, so slightly optimistic)."""
-    e, v, a = _eigen(batch.x, batch.y)
+    sp = eqicl.spectral(batch)
+    e, v, a = sp.e, sp.v, sp.a
     wc = jnp.einsum("bji,blj->bli", v, terms.w)
     s2 = (batch.sigma**2)[:, None]
     mu = a / (e + s2)
@@ -187,7 +166,7 @@ def weight_distances(
     # The baselines' own adjusted loss ½‖ridge_λ − μ‖² on the same sequences, for reference.
     base = np.asarray(_ridge_distances(e, a, mu[:, None, :], lams))[:, :, 0].mean(axis=1)
     return {
-        "oracle": [_mean_se(oracle[:, j]) for j in range(oracle.shape[1])],
+        "oracle": [mean_se(oracle[:, j]) for j in range(oracle.shape[1])],
         "ols": ridge[0].tolist() if lam_list[0] == 0 else None,
         "lambdas": lam_list.tolist(),
         "ridge": ridge.T.tolist(),  # (layers + 1, lambdas)
@@ -246,7 +225,7 @@ def momentum_summary(model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: 
                 "Pi_singular_values": _range(p_sv[:, j]),
                 "Phi_singular_values": _range(f_sv[:, j]),
                 "s": _range(np.asarray(mo.s)[:, j]),
-                "momentum_share": _mean_se(share[:, j]),
+                "momentum_share": mean_se(share[:, j]),
                 "identity_max_abs_u": float(err_u[:, j].max()),
                 "identity_max_abs_w": float(err_w[:, j].max()),
             }
@@ -257,7 +236,7 @@ def momentum_summary(model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: 
     return {
         "identity_max_abs": float(max(err_u.max(), err_w.max())),
         "identity_max_rel": float(max(err_u.max(), err_w.max()) / scale),
-        "rho": _mean_se(np.asarray(mo.rho)),
+        "rho": mean_se(np.asarray(mo.rho)),
         "layers": layers,
     }
 
@@ -284,9 +263,9 @@ def noise_adaptation(model: eqicl.LinearTransformer, batch: eqicl.Batch, terms: 
         np.asarray(v) for v in _noise_numbers(coefficients(model), terms, batch.x, batch.y)
     )
     return {
-        "rho": _mean_se(rho),
-        "effective_step": [_mean_se(step[:, j]) for j in range(step.shape[1])],
-        "rescaling": [_mean_se(rescale[:, j]) for j in range(rescale.shape[1])],
+        "rho": mean_se(rho),
+        "effective_step": [mean_se(step[:, j]) for j in range(step.shape[1])],
+        "rescaling": [mean_se(rescale[:, j]) for j in range(rescale.shape[1])],
     }
 
 
@@ -297,10 +276,10 @@ def terms_summary(terms: Terms) -> list[dict]:
     return [
         {
             "layer": j,
-            "M_minus_I_norm": _mean_se(np.linalg.norm(M[:, j] - eye, axis=(-2, -1))),
-            "u_norm": _mean_se(np.linalg.norm(u[:, j], axis=-1)),
-            "w_norm": _mean_se(np.linalg.norm(w[:, j], axis=-1)),
-            "a": _mean_se(a[:, j]),
+            "M_minus_I_norm": mean_se(np.linalg.norm(M[:, j] - eye, axis=(-2, -1))),
+            "u_norm": mean_se(np.linalg.norm(u[:, j], axis=-1)),
+            "w_norm": mean_se(np.linalg.norm(w[:, j], axis=-1)),
+            "a": mean_se(a[:, j]),
         }
         for j in range(M.shape[1])
     ]
@@ -311,11 +290,11 @@ def analyse(model: eqicl.LinearTransformer, batch: eqicl.Batch) -> dict:
     the reconstruction error of the Theorem 4.1 terms, their sizes, the distances of w^l to
     ridge solutions, the coefficients (DIAG / GD++) or block statistics and structure (FULL),
     the noise adaptation, and the Lemma 4.4 momentum view (DIAG / GD++)."""
-    kind = _kind(model)
+    diag = isinstance(model.layers, eqicl.AbstractDiagAttention)
     terms = batch_terms(model, batch.x, batch.y)
     p, q = model.pq()
     out = {
-        "kind": kind,
+        "kind": model.kind,
         "layers": model.num_layers,
         "heads": int(p.shape[1]),
         "sequences": int(batch.x.shape[0]),
@@ -327,17 +306,17 @@ def analyse(model: eqicl.LinearTransformer, batch: eqicl.Batch) -> dict:
         "weights": weight_distances(terms, batch),
         "coefficients": {
             "names": ["w_xx", "w_xy", "w_yx", "w_yy"],
-            "source": "model" if kind != "full" else "P, Q diagonal parts (block statistics)",
+            "source": "model" if diag else "P, Q diagonal parts (block statistics)",
             "values": np.asarray(coefficients(model)).tolist(),
         },
         "noise": noise_adaptation(model, batch, terms),
         "P": np.asarray(p).tolist(),
         "Q": np.asarray(q).tolist(),
     }
-    if kind == "full":
-        out["structure"] = full_structure(model)
-    else:
+    if diag:
         out["momentum"] = momentum_summary(model, batch, terms)
+    else:
+        out["structure"] = full_structure(model)
     return out
 
 
@@ -376,6 +355,6 @@ def per_sigma(
 
 
 def default_sigmas(task: eqicl.TaskConfig, points: int = 7, factor: float = 1.5) -> list[float]:
-    """σ grid from 0 to `factor` × the largest training σ (or to 1 for a noiseless task)."""
-    top = task.sigma_range * factor if task.sigma_range > 0 else 1.0
-    return np.linspace(0.0, top, points).tolist()
+    """σ grid from 0 to `factor` × the largest training σ (or to 1 for a noiseless task): the
+    evaluation's profile grid (`eqicl.profile_sigmas`)."""
+    return eqicl.profile_sigmas(task, points, factor).tolist()

@@ -6,6 +6,8 @@ import pathlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from eqicl import MODEL_ROWS
+
 _NAMES = ("w_xx", "w_xy", "w_yx", "w_yy")
 _MEANING = ("preconditioner", "noise-adaptive step", "gradient step", "adaptive rescaling")
 
@@ -59,7 +61,7 @@ def plot_coefficients(coef, kind: str, path: pathlib.Path) -> pathlib.Path:
         ax.set_xticks(layers)
         ax.set_xlabel("layer")
     source = "block statistics of P, Q" if kind == "full" else "paper units"
-    fig.suptitle(f"{kind.upper() if kind != 'gdpp' else 'GD++'} coefficients per layer ({source})")
+    fig.suptitle(f"{MODEL_ROWS[kind]} coefficients per layer ({source})")
     return _save(fig, path)
 
 

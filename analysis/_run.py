@@ -6,22 +6,16 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
 import eqicl
-from eqicl._limits import machine_memory
 
 from ._extract import analyse, default_sigmas, per_sigma
 from ._figures import write_figures
 
 FORMAT = 1
-
-
-def _float64(tree):
-    return jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
 
 
 def load_finished(run_dir: str | os.PathLike) -> tuple[eqicl.LinearTransformer, eqicl.Config, dict]:
@@ -90,7 +84,7 @@ def analyse_run(
     path = pathlib.Path(run_dir)
     model, config, ev = load_finished(path)
     need = _memory(config, sequences, len(sigmas) if sigmas is not None else 7)
-    if need > (have := machine_memory()):
+    if need > (have := eqicl.machine_memory()):
         raise eqicl.ConfigError(
             f"--sequences {sequences:,} needs about {need / 2**30:.3g} GiB of memory, "
             f"more than this machine's {have / 2**30:.3g} GiB"
@@ -103,7 +97,7 @@ def analyse_run(
         probe.unlink()
     except OSError as e:
         raise eqicl.RunDirError(f"cannot write in {out}: {e.strerror}") from None
-    model = _float64(model)
+    model = eqicl.cast(model, jnp.float64)
     sigmas = default_sigmas(config.task) if sigmas is None else [float(s) for s in sigmas]
     batch_key, sigma_key = jr.split(jr.key(seed))
     echo(

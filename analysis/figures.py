@@ -19,23 +19,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from eqicl._paper import paper_table  # noqa: E402
-from eqicl._sweep import (  # noqa: E402
+from eqicl import BASELINE_NAMES, BASELINE_ROWS, MODEL_ROWS, paper_table  # noqa: E402
+from eqicl.sweep import (  # noqa: E402
     COLUMNS,
     LAYERS,
-    MODEL_ROWS,
     Cell,
     column_tag,
     read_baselines,
     read_table,
-)  # noqa: E402
+)
 
 COLORS = {"gdpp": "tab:green", "diag": "tab:blue", "full": "tab:red"}
-BASE_STYLE = {
-    "constrr": ("ConstRR", "tab:gray"),
-    "adarr": ("AdaRR", "tab:orange"),
-    "tunedrr": ("TunedRR", "tab:purple"),
-}
+BASE_COLORS = {"constrr": "tab:gray", "adarr": "tab:orange", "tunedrr": "tab:purple"}
+BASE_STYLE = {name: (BASELINE_NAMES[name], color) for name, color in BASE_COLORS.items()}
 
 
 def _finite(value):
@@ -93,9 +89,9 @@ def figure1(paper_dir: pathlib.Path, rows) -> plt.Figure:
                 alpha=0.5,
                 label=f"{row_name} (paper)",
             )
-        for _name, (label, color) in BASE_STYLE.items():
+        for name, (label, color) in BASE_STYLE.items():
             ax.axhline(
-                table[(label.upper(), None, column)],
+                table[(BASELINE_ROWS[name], None, column)],
                 color=color,
                 lw=1,
                 ls=":",
@@ -423,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in draw_all(paper_dir):
         print(f"wrote {path}")
     run4 = pathlib.Path(args.figure4_run or paper_dir / "weights" / "full-L4-c1_3.npz")
-    from eqicl._model import WeightsError, load_weights
-    from eqicl._run import RunDirError, load_model
+    from eqicl import RunDirError, WeightsError, load_model, load_weights
 
     from ._figures import plot_pq
 

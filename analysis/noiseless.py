@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from eqicl._cli import setup_jax
+    from eqicl import setup_jax
 
     setup_jax()
     import jax.random as jr

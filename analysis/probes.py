@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sequences must be >= 1000, got {args.sequences}")
     families = [f for f in args.families.split(",") if f]
 
-    from eqicl._cli import setup_jax
+    from eqicl import setup_jax
 
     setup_jax()
     import eqicl

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     import eqicl
-    from eqicl._sweep import SweepError, parse_cells, read_table, weights_path
+    from eqicl.sweep import SweepError, parse_cells, read_table, weights_path
 
     paper_dir = pathlib.Path(args.paper_dir)
     try:

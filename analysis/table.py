@@ -15,8 +15,8 @@ import argparse
 import pathlib
 import sys
 
-from eqicl._paper import paper_table
-from eqicl._sweep import COLUMNS, LAYERS, MODEL_ROWS, SweepError, read_baselines, read_table
+from eqicl import BASELINE_ROWS, MODEL_ROWS, paper_table
+from eqicl.sweep import COLUMNS, LAYERS, SweepError, read_baselines, read_table
 
 
 def bar(paper: float) -> float:
@@ -123,7 +123,7 @@ def compare(
             head.replace("model | L", "method | "),
             "|" + "---|" * (len(COLUMNS) + 2),
         ]
-        for name, label in (("constrr", "CONSTRR"), ("adarr", "ADARR"), ("tunedrr", "TUNEDRR")):
+        for name, label in BASELINE_ROWS.items():
             cells = []
             for column in COLUMNS:
                 r = base.get((name, column))

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sequences < 1000:
         parser.error(f"--sequences must be >= 1000, got {args.sequences}")
 
-    from eqicl._cli import setup_jax
+    from eqicl import setup_jax
 
     setup_jax()
     from ._theorems import (

@@ -27,8 +27,7 @@ import jax.random as jr
 import optax
 
 import eqicl
-from eqicl import _kernel
-from eqicl._train import init_ensemble, make_train_chunk
+import eqicl.kernel
 
 D_IN, N_CTX, BATCH = 10, 20, 2048
 
@@ -169,9 +168,9 @@ def eqicl_config(kind, layers, d, n, batch, steps, objective):
 def time_eqicl(kind, layers, d, n, batch, steps, repeats, objective="sampled", **train):
     config = eqicl_config(kind, layers, d, n, batch, steps, objective)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
-    chunk = make_train_chunk(config, steps)
+    chunk = eqicl.make_train_chunk(config, steps)
     members = jnp.arange(config.train.seeds)
-    box = {"state": init_ensemble(config)}
+    box = {"state": eqicl.init_ensemble(config)}
 
     def call():
         box["state"], (losses, _) = chunk(members, box["state"])
@@ -198,17 +197,15 @@ def fast_flops(layers, d, batch, heads=1):
 
 
 def eval_throughput(sequences: int, repeats: int) -> dict:
-    """Sequences/s of the adjusted loss (exact and sampled estimators, after every layer)
-    for a 3-layer DIAG model, float32, on sequences already sampled."""
-    from eqicl._baselines import spectral
-    from eqicl._evaluate import _layer_losses
-
+    """Sequences/s of the exact adjusted loss after every layer (`eqicl.model_exact_losses`,
+    the eigen-decomposition included) for a 3-layer DIAG model, float32, on sequences already
+    sampled."""
     task = eqicl.TaskConfig(d=D_IN, n=N_CTX, sigma_max=3.0)
     model = eqicl.init_transformer(jr.key(0), eqicl.ModelConfig(kind="diag", layers=3), task)
     batch = eqicl.sample_batch(jr.key(1), task, sequences)
 
     def call():
-        return _layer_losses(model, batch, spectral(batch))
+        return eqicl.model_exact_losses(model, batch, eqicl.spectral(batch))
 
     t = time_chunk(call, 1, repeats)
     return {"sequences": sequences, "seconds": t["step_s"], "seq_per_s": sequences / t["step_s"]}
@@ -233,7 +230,7 @@ def main(argv=None) -> int:
         "devices": [str(dv) for dv in jax.devices()],
         "platform": jax.default_backend(),
         "load_avg_at_start": os.getloadavg(),
-        "kernel": "used" if _kernel.usable() else f"not used: {_kernel.reason()}",
+        "kernel": "used" if eqicl.kernel.usable() else f"not used: {eqicl.kernel.reason()}",
     }
     print(
         f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, "
@@ -272,7 +269,7 @@ def main(argv=None) -> int:
                 "ratio": ref["step_s"] / fast["step_s"],
             }
             rows.append(row)
-            name = {"full": "FULL", "diag": "DIAG", "gdpp": "GD++"}[kind]
+            name = eqicl.MODEL_ROWS[kind]
             print(
                 f"{name:<6}{layers:>3}{ref['step_s'] * 1e3:>9.2f}{fast['step_s'] * 1e3:>10.2f}"
                 f"{row['ratio']:>6.1f}x{exact['step_s'] * 1e3:>10.2f}"
@@ -309,14 +306,14 @@ def main(argv=None) -> int:
         five = time_eqicl(kind, layers, D_IN, N_CTX, 512, steps, repeats, "exact", seeds=5)
         ensembles.append({"model": kind, "layers": layers, "seeds_1": one, "seeds_5": five})
         print(
-            f"  {kind.upper():<5}{layers:>2} layers: {one['step_s'] * 1e3:7.2f} ms/step with 1 seed, "
+            f"  {eqicl.MODEL_ROWS[kind]:<5}{layers:>2} layers: {one['step_s'] * 1e3:7.2f} ms/step with 1 seed, "
             f"{five['step_s'] * 1e3:7.2f} with 5 ({five['step_s'] / one['step_s']:.1f}x)",
             flush=True,
         )
 
     ev = eval_throughput(20_000 if args.quick else 50_000, repeats)
     print(
-        f"\nevaluation: adjusted loss (exact + sampled, every layer), DIAG 3 layers, "
+        f"\nevaluation: exact adjusted loss (every layer), DIAG 3 layers, "
         f"{ev['seq_per_s']:,.0f} sequences/s"
     )
 

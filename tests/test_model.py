@@ -321,3 +321,125 @@ def test_train_command_refuses_a_bad_warm_start_before_writing(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and len(err.splitlines()) == 1
         assert not run_dir.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: every fact about a kind lives on its layer class
+
+
+def test_every_variant_states_consistent_facts():
+    """VARIANTS is the config's list of kinds; each class's `fields` are its array fields;
+    `embeds` is a partial order (reflexive, antisymmetric, transitive) over the kinds."""
+    import typing
+
+    from eqicl._config import ModelKind
+
+    variants = eqicl.VARIANTS
+    assert set(variants) == set(typing.get_args(ModelKind))
+    assert len({cls.label for cls in variants.values()}) == len(variants)
+    for kind, cls in variants.items():
+        assert cls.kind == kind and eqicl.MODEL_ROWS[kind] == cls.label
+        arrays = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")}
+        assert set(cls.fields) == arrays and cls.fields[0] == "p"
+        assert kind in cls.embeds and set(cls.embeds) <= set(variants)
+        for other in cls.embeds:
+            assert other == kind or kind not in variants[other].embeds
+            assert set(variants[other].embeds) <= set(cls.embeds)
+
+
+def test_embeds_is_what_warm_starts_do(tmp_path):
+    """Every pair of kinds at the same depth: a warm start works, and is exact without noise,
+    exactly when the wider class `embeds` the source's kind."""
+    variants = eqicl.VARIANTS
+    for have in variants:
+        source, path, config = _trained_like(have, 2, tmp_path)
+        b = eqicl.sample_batch(jr.key(3), config.task, 16, F64)
+        want = jax.vmap(source.implicit_weights)(b.x, b.y)[:, -1]
+        for kind, cls in variants.items():
+            if have not in cls.embeds:
+                with pytest.raises(eqicl.WeightsError, match="cannot start"):
+                    _warm(kind, 2, path, tmp_path)
+                continue
+            model, _ = _warm(kind, 2, path, tmp_path)
+            assert model.kind == kind and type(model.layers) is cls
+            got = jax.vmap(model.implicit_weights)(b.x, b.y)[:, -1]
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+class _GDAttention(eqicl.AbstractLinearAttention):
+    """A fourth variant, for the tests: P_k = diag(0, …, 0, p_y), Q_k = diag(q_x I, 0),
+    i.e. y_i ← y_i + Σ_k p_y q_x <α, x_i> (plain gradient steps)."""
+
+    kind = "gd"
+    label = "GD"
+    fields = ("p", "q_x")
+    embeds = ("gd",)
+
+    p: jax.Array  # (heads,): p_y
+    q_x: jax.Array  # (heads,)
+    dim: int = eqx.field(static=True)
+    scale_n: float = eqx.field(static=True, default=1.0)
+    scale_s: float = eqx.field(static=True, default=1.0)
+
+    @property
+    def d(self):
+        return self.dim
+
+    def raw_pq(self):
+        z = jnp.zeros((self.p.shape[0], self.dim + 1, self.dim + 1), self.p.dtype)
+        eye = jnp.eye(self.dim + 1, dtype=self.p.dtype).at[-1, -1].set(0)
+        return z.at[:, -1, -1].set(self.p), self.q_x[:, None, None] * eye[None]
+
+    def operator(self, stats):
+        p, q = self.pq()
+        return jnp.einsum("kij,jl,klm->im", p, stats, q)
+
+    @classmethod
+    def init_arrays(cls, key, heads, d, scale, gd, dtype):
+        kp, kq = jr.split(key)
+        return {"p": scale * jr.normal(kp, (heads,), dtype), "q_x": jr.normal(kq, (heads,), dtype)}
+
+    @classmethod
+    def from_arrays(cls, arrays, d, scale_n=1.0, scale_s=1.0):
+        return cls(**arrays, dim=d, scale_n=scale_n, scale_s=scale_s)
+
+    @classmethod
+    def rescaled(cls, arrays, r_n, r_s):
+        return {**arrays, "p": arrays["p"] * (r_n * r_s)}
+
+
+def test_a_new_variant_is_one_class(tmp_path, monkeypatch):
+    """A variant defined here, registered in VARIANTS, goes through the generic code: stacked
+    construction, units, weights files (bit-exact) and the kernel's operands."""
+    from eqicl import _kernel
+    from eqicl._model import _in_units
+
+    monkeypatch.setitem(eqicl.VARIANTS, "gd", _GDAttention)
+    d, heads, layers = 3, 2, 3
+    keys = jr.split(jr.key(0), layers)
+    arrays = jax.vmap(lambda k: _GDAttention.init_arrays(k, heads, d, 0.3, None, F64))(keys)
+    stack = _GDAttention.stacked(arrays, d, 9.0, 2.0)
+    model = LinearTransformer(layers=stack, num_layers=layers)
+    assert model.kind == "gd" and model.layer(1).p.shape == (heads,)
+
+    path = tmp_path / "gd.npz"
+    eqicl.save_weights(model, path, select_loss=0.5)
+    loaded, meta = eqicl.load_weights(path)
+    assert (meta["kind"], meta["d"], meta["heads"], meta["layers"]) == ("gd", d, heads, layers)
+    assert type(loaded.layers) is _GDAttention and loaded.layers.dim == d
+    assert (loaded.layers.scale_n, loaded.layers.scale_s) == (9.0, 2.0)
+    for name in _GDAttention.fields:
+        a, b = getattr(model.layers, name), getattr(loaded.layers, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+    # The same function in paper units: P and Q in paper units unchanged.
+    paper = _GDAttention.stacked(
+        _in_units(_GDAttention, arrays, (9.0, 2.0), (1.0, 1.0)), d, 1.0, 1.0
+    )
+    for got, want in zip(model.pq(), LinearTransformer(paper, layers).pq(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+
+    x, y, xq = _data(jr.key(4), d=d)
+    mode, p, q = _kernel.operands(model)
+    assert mode == 0
+    np.testing.assert_allclose(_numpy_forward(p, q, x, y, xq), model(x, y, xq), rtol=1e-12)

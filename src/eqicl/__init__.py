@@ -20,6 +20,7 @@ from ._baselines import (
     spectral as spectral,
     tune_baselines as tune_baselines,
 )
+from ._cli import setup_jax as setup_jax
 from ._config import (
     PRESETS as PRESETS,
     Config as Config,
@@ -33,14 +34,19 @@ from ._config import (
 )
 from ._evaluate import (
     SequenceCache as SequenceCache,
+    cast as cast,
     estimate as estimate,
     estimate_all as estimate_all,
     evaluate as evaluate,
+    mean_se as mean_se,
     model_exact_losses as model_exact_losses,
     model_weights_and_predictions as model_weights_and_predictions,
     profile as profile,
+    profile_sigmas as profile_sigmas,
 )
+from ._limits import machine_memory as machine_memory
 from ._model import (
+    VARIANTS as VARIANTS,
     AbstractDiagAttention as AbstractDiagAttention,
     AbstractLinearAttention as AbstractLinearAttention,
     DiagAttention as DiagAttention,
@@ -54,7 +60,13 @@ from ._model import (
     save_weights as save_weights,
     warm_transformer as warm_transformer,
 )
-from ._paper import paper_table as paper_table, paper_value as paper_value
+from ._paper import (
+    BASELINE_NAMES as BASELINE_NAMES,
+    BASELINE_ROWS as BASELINE_ROWS,
+    MODEL_ROWS as MODEL_ROWS,
+    paper_table as paper_table,
+    paper_value as paper_value,
+)
 from ._polish import perturb as perturb, polish as polish
 from ._run import (
     RunDirError as RunDirError,
@@ -101,6 +113,7 @@ from ._train import (
     init_ensemble as init_ensemble,
     loss_fn as loss_fn,
     make_optimizer as make_optimizer,
+    make_train_chunk as make_train_chunk,
     train_loop as train_loop,
     train_step as train_step,
 )

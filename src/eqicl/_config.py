@@ -28,6 +28,8 @@ def _check_ints(section, prefix: str) -> None:
 
 
 NoiseKind = Literal["uniform", "categorical", "fixed"]
+# The kinds of eqicl._model.VARIANTS (this module cannot import the layer classes; a test
+# checks that the two lists agree).
 ModelKind = Literal["full", "diag", "gdpp"]
 
 

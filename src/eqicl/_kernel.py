@@ -24,13 +24,12 @@ import subprocess
 import tempfile
 import threading
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._model import AbstractDiagAttention, FullAttention, LinearTransformer
+from ._model import LinearTransformer
 from ._parallel import num_devices
 
 SOURCE = pathlib.Path(__file__).with_name("_kernel.cc")
@@ -193,18 +192,9 @@ def operands(
     model: LinearTransformer,
 ) -> tuple[int, Float[Array, "L H D D"], Float[Array, "L H D D"]]:
     """(mode, p, q): FULL gives its P_k, Q_k in paper units (mode 0); DIAG and GD++ the
-    matrix W with Tˡ = W ⊙ Sˡ (mode 1, q unused)."""
-    layers = model.layers
-    if isinstance(layers, FullAttention):
-        p, q = eqx.filter_vmap(lambda layer: layer.pq())(layers)
-        return 0, p, q
-    if isinstance(layers, AbstractDiagAttention):
-        # Tˡ = W ⊙ Sˡ with W read off the layer's own operator, which is linear in S.
-        big_d = layers.dim + 1
-        ones = jnp.ones((big_d, big_d), layers.p.dtype)
-        w = eqx.filter_vmap(lambda layer: layer.operator(ones))(layers)[:, None]
-        return 1, w, jnp.zeros_like(w)
-    raise TypeError(f"the kernel does not know the layer type {type(layers).__name__}")
+    matrix W with Tˡ = W ⊙ Sˡ (mode 1, q unused). The layer class decides
+    (`AbstractLinearAttention.kernel_operands`)."""
+    return model.layers.kernel_operands()
 
 
 def _forward(s, p, q, mode: int, all_layers: bool):

@@ -9,6 +9,7 @@ the same function class with each statistic measured in its typical size (SPEC �
 
 import abc
 import dataclasses
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -30,10 +31,35 @@ def context_statistics(tokens: Float[Array, "m D"], n: int) -> Float[Array, "D D
 
 
 class AbstractLinearAttention(eqx.Module):
-    """One residual linear self-attention layer, e_i ← e_i + Σ_k P_k S Q_k e_i."""
+    """One residual linear self-attention layer, e_i ← e_i + Σ_k P_k S Q_k e_i.
+
+    A variant is one concrete subclass. Its class attributes and class methods are all that
+    the generic code (configs, weights files, warm starts, units, the CPU kernel) needs:
+
+    - `kind`: its name in `model.kind` and in a weights file; `label`: its name in the paper;
+    - `fields`: its parameter arrays, as a weights file stores them; the first one holds P
+      (zero P: the identity layer) and has the heads on its leading axis;
+    - `embeds`: the kinds whose models it can start from at the same depth (itself
+      included), by `embed`;
+    - `init_arrays`, `from_arrays` / `stacked`, `rescaled`, `embed` and `kernel_operands`.
+
+    `VARIANTS` maps every kind to its class; a config accepts a kind listed in
+    `eqicl._config.ModelKind` too (that module cannot import these classes; a test checks
+    that the two lists agree).
+    """
+
+    kind: ClassVar[str]
+    label: ClassVar[str]
+    fields: ClassVar[tuple[str, ...]]
+    embeds: ClassVar[tuple[str, ...]]
 
     scale_n: eqx.AbstractVar[float]
     scale_s: eqx.AbstractVar[float]
+
+    @property
+    @abc.abstractmethod
+    def d(self) -> int:
+        """The input dimension d (tokens have D = d + 1 coordinates)."""
 
     @abc.abstractmethod
     def raw_pq(self) -> tuple[Float[Array, "heads D D"], Float[Array, "heads D D"]]:
@@ -42,6 +68,52 @@ class AbstractLinearAttention(eqx.Module):
     @abc.abstractmethod
     def operator(self, stats: Float[Array, "D D"]) -> Float[Array, "D D"]:
         """T = Σ_k P_k S Q_k in paper units, from the context statistics S."""
+
+    @classmethod
+    @abc.abstractmethod
+    def init_arrays(
+        cls, key: PRNGKeyArray, heads: int, d: int, scale: float, gd: float | None, dtype
+    ) -> dict:
+        """Fresh parameter arrays: N(0, scale²), plus (unless `gd` is None) the gradient step
+        y_i ← y_i − gd <α, x_i> in the layer's own units in head 0."""
+
+    @classmethod
+    @abc.abstractmethod
+    def rescaled(cls, arrays: dict, r_n: float, r_s: float) -> dict:
+        """Parameter arrays in units (scale_n, scale_s) rewritten in (r_n scale_n, r_s scale_s),
+        the paper-unit P and Q unchanged (see `pq`): P's columns and Q's rows carry
+        diag(1, …, 1, 1/s), P also 1/n."""
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, d: int, scale_n: float = 1.0, scale_s: float = 1.0):
+        """A layer from its parameter arrays (`fields`), the input dimension d (for the classes
+        that store it) and its units."""
+        return cls(**arrays, scale_n=scale_n, scale_s=scale_s)
+
+    @classmethod
+    def stacked(cls, arrays: dict, d: int, scale_n: float, scale_s: float):
+        """Layers from their parameter arrays (leading axis: layers), built under vmap so that
+        the constructor's shape checks are per layer."""
+        return eqx.filter_vmap(lambda a: cls.from_arrays(a, d, scale_n, scale_s))(arrays)
+
+    def arrays(self) -> dict:
+        """The parameter arrays (`fields`) by name."""
+        return {name: getattr(self, name) for name in self.fields}
+
+    @classmethod
+    def embed(cls, source: "AbstractLinearAttention", key: PRNGKeyArray, noise: float, dtype):
+        """Parameter arrays of this kind for the same function as `source` (stacked layers of
+        a kind in `embeds`, in the same units), the new degrees of freedom `noise`-scaled
+        normals. A subclass that embeds other kinds extends this."""
+        if source.kind != cls.kind:
+            raise TypeError(f"a {cls.label} layer cannot embed a {source.label} one")
+        return {n: a.astype(dtype) for n, a in source.arrays().items()}
+
+    def kernel_operands(self) -> tuple[int, Float[Array, "L H D D"], Float[Array, "L H D D"]]:
+        """(mode, p, q) of the CPU kernel for these (stacked) layers: mode 0 takes P_k, Q_k in
+        paper units, which fits any variant."""
+        p, q = eqx.filter_vmap(lambda layer: layer.pq())(self)
+        return 0, p, q
 
     def pq(self) -> tuple[Float[Array, "heads D D"], Float[Array, "heads D D"]]:
         """P_k and Q_k in the paper's units (what the paper's Figure 4 shows)."""
@@ -57,13 +129,49 @@ class AbstractLinearAttention(eqx.Module):
 class FullAttention(AbstractLinearAttention, strict=True):
     """FULL: P_k, Q_k are unconstrained D×D matrices (2·D² parameters per head)."""
 
+    kind: ClassVar[str] = "full"
+    label: ClassVar[str] = "FULL"
+    fields: ClassVar[tuple[str, ...]] = ("p", "q")
+    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag", "full")
+
     p: Float[Array, "heads D D"]
     q: Float[Array, "heads D D"]
     scale_n: float = eqx.field(static=True, default=1.0)
     scale_s: float = eqx.field(static=True, default=1.0)
 
+    @property
+    def d(self) -> int:
+        return int(self.p.shape[-1] - 1)
+
     def raw_pq(self):
         return self.p, self.q
+
+    @classmethod
+    def init_arrays(cls, key, heads, d, scale, gd, dtype):
+        kp, kq = jr.split(key)
+        p = scale * jr.normal(kp, (heads, d + 1, d + 1), dtype)
+        q = scale * jr.normal(kq, (heads, d + 1, d + 1), dtype)
+        if gd is not None:
+            p = p.at[0, d, d].add(-gd)
+            q = q.at[0, :d, :d].add(jnp.eye(d, dtype=dtype))
+        return {"p": p, "q": q}
+
+    @classmethod
+    def rescaled(cls, arrays, r_n, r_s):
+        # p: (..., heads, D, D), the y column last; q: the y row last
+        return {
+            "p": (arrays["p"] * r_n).at[..., -1].multiply(r_s),
+            "q": arrays["q"].at[..., -1, :].multiply(r_s),
+        }
+
+    @classmethod
+    def embed(cls, source, key, noise, dtype):
+        """A narrower kind's P, Q as full matrices, noise on all of P."""
+        if source.kind == cls.kind:
+            return super().embed(source, key, noise, dtype)
+        p, q = eqx.filter_vmap(lambda layer: layer.raw_pq())(source)
+        p, q = p.astype(dtype), q.astype(dtype)
+        return {"p": p + noise * jr.normal(key, p.shape, dtype), "q": q}
 
     def operator(self, stats):
         p, q = self.pq()
@@ -74,9 +182,37 @@ class AbstractDiagAttention(AbstractLinearAttention):
     """P_k = diag(p_x I, p_y), Q_k = diag(q_x I, q_y). The layer is then (SPEC §2)
     x_i ← x_i + w_xx Σ x_i + w_xy y_i α,  y_i ← y_i + w_yx <α, x_i> + w_yy λ y_i."""
 
+    dim: eqx.AbstractVar[int]
+
+    @property
+    def d(self) -> int:
+        return self.dim
+
     @abc.abstractmethod
     def head_scalars(self) -> Float[Array, "4 heads"]:
         """(p_x, p_y, q_x, q_y) of every head, in the layer's own units."""
+
+    @classmethod
+    def from_arrays(cls, arrays, d, scale_n=1.0, scale_s=1.0):
+        return cls(**arrays, dim=d, scale_n=scale_n, scale_s=scale_s)
+
+    @classmethod
+    def _init_p(cls, kp, heads, scale, gd, dtype):
+        p = scale * jr.normal(kp, (heads, 2), dtype)
+        return p if gd is None else p.at[0, 1].add(-gd)
+
+    @classmethod
+    def rescaled(cls, arrays, r_n, r_s):
+        # p = (p_x, p_y) per head; the q fields are the subclasses'
+        return {**arrays, "p": (arrays["p"] * r_n).at[..., 1].multiply(r_s)}
+
+    def kernel_operands(self):
+        """Mode 1: the matrix W with Tˡ = W ⊙ Sˡ (q unused), read off the layer's own
+        operator, which is linear in S."""
+        big_d = self.dim + 1
+        ones = jnp.ones((big_d, big_d), self.p.dtype)
+        w = eqx.filter_vmap(lambda layer: layer.operator(ones))(self)[:, None]
+        return 1, w, jnp.zeros_like(w)
 
     def coefficients(self) -> Float[Array, "4"]:
         """(w_xx, w_xy, w_yx, w_yy) in paper units: sums over heads of p·q products."""
@@ -109,11 +245,14 @@ class AbstractDiagAttention(AbstractLinearAttention):
         bottom = jnp.concatenate([wyx * stats[d:, :d], wyy * stats[d:, d:]], axis=1)
         return jnp.concatenate([top, bottom], axis=0)
 
-    dim: eqx.AbstractVar[int]
-
 
 class DiagAttention(AbstractDiagAttention, strict=True):
     """DIAG: four scalars (p_x, p_y, q_x, q_y) per head."""
+
+    kind: ClassVar[str] = "diag"
+    label: ClassVar[str] = "DIAG"
+    fields: ClassVar[tuple[str, ...]] = ("p", "q")
+    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag")
 
     p: Float[Array, "heads 2"]
     q: Float[Array, "heads 2"]
@@ -124,9 +263,36 @@ class DiagAttention(AbstractDiagAttention, strict=True):
     def head_scalars(self):
         return jnp.stack([self.p[:, 0], self.p[:, 1], self.q[:, 0], self.q[:, 1]])
 
+    @classmethod
+    def init_arrays(cls, key, heads, d, scale, gd, dtype):
+        kp, kq = jr.split(key)
+        p = cls._init_p(kp, heads, scale, gd, dtype)
+        q = scale * jr.normal(kq, (heads, 2), dtype)
+        return {"p": p, "q": q if gd is None else q.at[0, 0].add(1.0)}
+
+    @classmethod
+    def rescaled(cls, arrays, r_n, r_s):
+        return {**super().rescaled(arrays, r_n, r_s), "q": arrays["q"].at[..., 1].multiply(r_s)}
+
+    @classmethod
+    def embed(cls, source, key, noise, dtype):
+        """GD++'s q_y (zero there) becomes a free parameter."""
+        if source.kind == cls.kind:
+            return super().embed(source, key, noise, dtype)
+        if source.kind != GDPPAttention.kind:
+            raise TypeError(f"a {cls.label} layer cannot embed a {source.label} one")
+        p, q_x = source.p.astype(dtype), source.q_x.astype(dtype)
+        q_y = noise * jr.normal(key, q_x.shape, dtype)
+        return {"p": p, "q": jnp.stack([q_x, q_y], axis=-1)}
+
 
 class GDPPAttention(AbstractDiagAttention, strict=True):
     """GD++: DIAG with q_y = 0 in every head, so only w_xx and w_yx remain."""
+
+    kind: ClassVar[str] = "gdpp"
+    label: ClassVar[str] = "GD++"
+    fields: ClassVar[tuple[str, ...]] = ("p", "q_x")
+    embeds: ClassVar[tuple[str, ...]] = ("gdpp",)
 
     p: Float[Array, "heads 2"]
     q_x: Float[Array, " heads"]
@@ -136,6 +302,21 @@ class GDPPAttention(AbstractDiagAttention, strict=True):
 
     def head_scalars(self):
         return jnp.stack([self.p[:, 0], self.p[:, 1], self.q_x, jnp.zeros_like(self.q_x)])
+
+    @classmethod
+    def init_arrays(cls, key, heads, d, scale, gd, dtype):
+        kp, kq = jr.split(key)
+        p = cls._init_p(kp, heads, scale, gd, dtype)
+        q_x = scale * jr.normal(kq, (heads,), dtype)
+        return {"p": p, "q_x": q_x if gd is None else q_x.at[0].add(1.0)}
+
+    # rescaled: q_x carries no unit (the x rows of Q), so AbstractDiagAttention's applies
+
+
+VARIANTS: dict[str, type[AbstractLinearAttention]] = {
+    cls.kind: cls for cls in (GDPPAttention, DiagAttention, FullAttention)
+}
+"""Every layer variant by its `kind` (`model.kind`), narrowest first."""
 
 
 def init_layer(
@@ -149,30 +330,11 @@ def init_layer(
 ) -> AbstractLinearAttention:
     """One layer. `init="gd"` makes it (up to `init_scale` noise) the gradient step
     y_i ← y_i − gd_step <α, x_i> in paper units; `init="normal"` is pure N(0, init_scale²)."""
-    h, big_d = model.heads, d + 1
-    kp, kq = jr.split(key)
-    gd = model.init == "gd"
+    cls = VARIANTS[model.kind]
     # The raw value that gives the paper-unit step `gd_step` in these units.
-    g = gd_step * scale_n * scale_s if gd else 0.0
-    if model.kind == "full":
-        p = model.init_scale * jr.normal(kp, (h, big_d, big_d), dtype)
-        q = model.init_scale * jr.normal(kq, (h, big_d, big_d), dtype)
-        if gd:
-            p = p.at[0, d, d].add(-g)
-            q = q.at[0, :d, :d].add(jnp.eye(d, dtype=dtype))
-        return FullAttention(p=p, q=q, scale_n=scale_n, scale_s=scale_s)
-    p = model.init_scale * jr.normal(kp, (h, 2), dtype)
-    if gd:
-        p = p.at[0, 1].add(-g)
-    if model.kind == "diag":
-        q = model.init_scale * jr.normal(kq, (h, 2), dtype)
-        if gd:
-            q = q.at[0, 0].add(1.0)
-        return DiagAttention(p=p, q=q, dim=d, scale_n=scale_n, scale_s=scale_s)
-    q_x = model.init_scale * jr.normal(kq, (h,), dtype)
-    if gd:
-        q_x = q_x.at[0].add(1.0)
-    return GDPPAttention(p=p, q_x=q_x, dim=d, scale_n=scale_n, scale_s=scale_s)
+    gd = gd_step * scale_n * scale_s if model.init == "gd" else None
+    arrays = cls.init_arrays(key, model.heads, d, model.init_scale, gd, dtype)
+    return cls.from_arrays(arrays, d, scale_n, scale_s)
 
 
 class LinearTransformer(eqx.Module, strict=True):
@@ -185,6 +347,11 @@ class LinearTransformer(eqx.Module, strict=True):
 
     layers: AbstractLinearAttention
     num_layers: int = eqx.field(static=True)
+
+    @property
+    def kind(self) -> str:
+        """The layers' variant (a `model.kind`)."""
+        return self.layers.kind
 
     def layer(self, index: int) -> AbstractLinearAttention:
         """Layer `index` (0-based) as a stand-alone module."""
@@ -266,25 +433,10 @@ def init_transformer(
 # --------------------------------------------------------------------------------------------
 # Weights files and warm starts
 
-_CLASSES = {"full": FullAttention, "diag": DiagAttention, "gdpp": GDPPAttention}
-_FIELDS = {"full": ("p", "q"), "diag": ("p", "q"), "gdpp": ("p", "q_x")}
-_WIDER = {"gdpp": ("gdpp",), "diag": ("gdpp", "diag"), "full": ("gdpp", "diag", "full")}
-
 
 class WeightsError(ConfigError):
     """A weights file that cannot be read, or cannot start the model asked for (a bad
     `model.init_from`)."""
-
-
-def model_kind(model: LinearTransformer) -> str:
-    return next(k for k, cls in _CLASSES.items() if isinstance(model.layers, cls))
-
-
-def _stacked_layers(kind: str, arrays: dict, d: int, scale_n: float, scale_s: float):
-    """Layers of `kind` from their parameter arrays (leading axis: layers), built under vmap so
-    that the constructors' shape checks are per layer."""
-    statics = dict(scale_n=scale_n, scale_s=scale_s) | ({} if kind == "full" else {"dim": d})
-    return eqx.filter_vmap(lambda a: _CLASSES[kind](**a, **statics))(arrays)
 
 
 def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
@@ -295,13 +447,13 @@ def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
 
     import numpy as np
 
-    kind, layers = model_kind(model), model.layers
-    arrays = {name: np.asarray(getattr(layers, name)) for name in _FIELDS[kind]}
+    layers = model.layers
+    arrays = {name: np.asarray(a) for name, a in layers.arrays().items()}
     info = {
-        "kind": kind,
+        "kind": layers.kind,
         "layers": model.num_layers,
-        "heads": int(arrays["p"].shape[1]),
-        "d": int(arrays["p"].shape[-1] - 1) if kind == "full" else layers.dim,
+        "heads": int(arrays[layers.fields[0]].shape[1]),
+        "d": layers.d,
         "scale_n": layers.scale_n,
         "scale_s": layers.scale_s,
         **meta,
@@ -325,54 +477,23 @@ def load_weights(path) -> tuple[LinearTransformer, dict]:
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
     meta = {k[5:]: data.pop(k).item() for k in list(data) if k.startswith("meta.")}
     try:
-        kind = meta["kind"]
-        if kind not in _CLASSES:
+        cls = VARIANTS.get(meta["kind"])
+        if cls is None:
             raise KeyError("kind")
-        arrays = {name: jnp.asarray(data[name]) for name in _FIELDS[kind]}
-        layers = _stacked_layers(
-            kind, arrays, int(meta["d"]), float(meta["scale_n"]), float(meta["scale_s"])
-        )
+        arrays = {name: jnp.asarray(data[name]) for name in cls.fields}
+        layers = cls.stacked(arrays, int(meta["d"]), float(meta["scale_n"]), float(meta["scale_s"]))
         return LinearTransformer(layers=layers, num_layers=int(meta["layers"])), meta
     except KeyError as e:
         raise WeightsError(f"weights file {path} lacks {e}") from None
 
 
-def _as_kind(source: LinearTransformer, kind: str, key: PRNGKeyArray, noise: float, dtype):
-    """The source's parameter arrays for the same function in the parameterization of `kind`
-    (at least as wide as the source's), the new degrees of freedom set to `noise`-scaled
-    normals."""
-    have = model_kind(source)
-    arrays = {n: getattr(source.layers, n).astype(dtype) for n in _FIELDS[have]}
-    if kind == have:
-        return arrays
-    if kind == "full":
-        p, q = eqx.filter_vmap(lambda layer: layer.raw_pq())(source.layers)
-        p, q = p.astype(dtype), q.astype(dtype)
-        return {"p": p + noise * jr.normal(key, p.shape, dtype), "q": q}
-    # gdpp -> diag: q_y (zero in GD++) becomes a free parameter
-    q_y = noise * jr.normal(key, arrays["q_x"].shape, dtype)
-    return {"p": arrays["p"], "q": jnp.stack([arrays["q_x"], q_y], axis=-1)}
-
-
-def _in_units(
-    kind: str, arrays: dict, have: tuple[float, float], want: tuple[float, float]
-) -> dict:
-    """Parameter arrays of `kind` in units `have` = (scale_n, scale_s) rewritten in units
-    `want`, the paper-unit P and Q unchanged (see AbstractLinearAttention.pq): P's columns and
-    Q's rows carry diag(1, …, 1, 1/s), P also 1/n."""
+def _in_units(cls, arrays: dict, have: tuple[float, float], want: tuple[float, float]) -> dict:
+    """Parameter arrays of the variant `cls` in units `have` = (scale_n, scale_s) rewritten in
+    units `want` (see `AbstractLinearAttention.rescaled`)."""
     r_n, r_s = want[0] / have[0], want[1] / have[1]
     if r_n == 1.0 and r_s == 1.0:
         return arrays
-    out = dict(arrays)
-    if kind == "full":  # p: (layers, heads, D, D), the y column last; q: the y row last
-        out["p"] = (arrays["p"] * r_n).at[..., -1].multiply(r_s)
-        out["q"] = arrays["q"].at[..., -1, :].multiply(r_s)
-        return out
-    # diag, gdpp: p = (p_x, p_y) and q = (q_x, q_y) per head; gdpp's q_x needs nothing
-    out["p"] = (arrays["p"] * r_n).at[..., 1].multiply(r_s)
-    if kind == "diag":
-        out["q"] = arrays["q"].at[..., 1].multiply(r_s)
-    return out
+    return cls.rescaled(arrays, r_n, r_s)
 
 
 def _gd_step(task: TaskConfig) -> float:
@@ -387,14 +508,14 @@ def warm_transformer(
     ModelConfig): an exact embedding plus `init_scale` noise on the new parameters."""
     source, meta = load_weights(model.init_from)
     where = f"model.init_from={model.init_from}"
-    have = model_kind(source)
+    cls, have = VARIANTS[model.kind], source.layers.kind
     scale_n, scale_s = units(model, task)
     if (int(meta["d"]), int(meta["heads"])) != (task.d, model.heads):
         raise WeightsError(
             f"{where} has d={meta['d']}, heads={meta['heads']}; the run asks for "
             f"d={task.d}, heads={model.heads}"
         )
-    if have not in _WIDER[model.kind]:
+    if have not in cls.embeds:
         raise WeightsError(
             f"{where} is a {have.upper()} model; it cannot start a {model.kind.upper()} one"
         )
@@ -402,12 +523,12 @@ def warm_transformer(
     # Rebuilt in this run's own units (the same function: a model trained for another noise
     # setting keeps its paper-unit P and Q), so the model has exactly the structure of a GD
     # start: checkpoints restore into either.
-    arrays = _as_kind(source, model.kind, k_embed, model.init_scale, dtype)
+    arrays = cls.embed(source.layers, k_embed, model.init_scale, dtype)
     arrays = _in_units(
-        model.kind, arrays, (float(meta["scale_n"]), float(meta["scale_s"])), (scale_n, scale_s)
+        cls, arrays, (float(meta["scale_n"]), float(meta["scale_s"])), (scale_n, scale_s)
     )
     if source.num_layers == model.layers:
-        layers = _stacked_layers(model.kind, arrays, task.d, scale_n, scale_s)
+        layers = cls.stacked(arrays, task.d, scale_n, scale_s)
         return LinearTransformer(layers=layers, num_layers=model.layers)
     if source.num_layers != model.layers - 1 or have != model.kind:
         raise WeightsError(
@@ -424,8 +545,9 @@ def warm_transformer(
         dtype,
     )
     # An identity layer in front: P = noise (so P S Q = 0 up to it), Q as in the GD start.
-    first = {n: getattr(fresh, n)[None] for n in _FIELDS[model.kind]}
-    first["p"] = model.init_scale * jr.normal(k_id, first["p"].shape, dtype)
+    first = {n: a[None] for n, a in fresh.arrays().items()}
+    p_name = cls.fields[0]
+    first[p_name] = model.init_scale * jr.normal(k_id, first[p_name].shape, dtype)
     arrays = {n: jnp.concatenate([first[n], arrays[n]], axis=0) for n in arrays}
-    layers = _stacked_layers(model.kind, arrays, task.d, scale_n, scale_s)
+    layers = cls.stacked(arrays, task.d, scale_n, scale_s)
     return LinearTransformer(layers=layers, num_layers=model.layers)

@@ -5,9 +5,20 @@ import functools
 from importlib import resources
 
 from ._config import Config, TaskConfig
+from ._model import VARIANTS
 
-_METHOD_ROWS = {"gdpp": "GD++", "diag": "DIAG", "full": "FULL"}
-_BASELINE_ROWS = {"constrr": "CONSTRR", "adarr": "ADARR", "tunedrr": "TUNEDRR"}
+# The one place for the methods' names: in the paper (Table 1's rows) and in our tables.
+MODEL_ROWS: dict[str, str] = {kind: cls.label for kind, cls in VARIANTS.items()}
+"""Every model kind's name in the paper, its Table 1 row ("gdpp": "GD++"), narrowest first."""
+BASELINE_ROWS: dict[str, str] = {"constrr": "CONSTRR", "adarr": "ADARR", "tunedrr": "TUNEDRR"}
+"""The tuned ridge baselines' Table 1 rows."""
+BASELINE_NAMES: dict[str, str] = {
+    "constrr": "ConstRR",
+    "adarr": "AdaRR",
+    "tunedrr": "TunedRR",
+    "ols": "OLS",
+}
+"""The baselines' names in our tables and figures."""
 
 
 @functools.cache
@@ -37,7 +48,7 @@ def paper_value(config: Config) -> float | None:
     column = paper_column(config.task)
     if column is None or config.model.heads != 1:
         return None
-    return paper_table().get((_METHOD_ROWS[config.model.kind], config.model.layers, column))
+    return paper_table().get((MODEL_ROWS[config.model.kind], config.model.layers, column))
 
 
 def paper_baselines(task: TaskConfig) -> dict[str, float]:
@@ -48,6 +59,6 @@ def paper_baselines(task: TaskConfig) -> dict[str, float]:
     table = paper_table()
     return {
         name: table[(row, None, column)]
-        for name, row in _BASELINE_ROWS.items()
+        for name, row in BASELINE_ROWS.items()
         if (row, None, column) in table
     }

@@ -58,6 +58,7 @@ from ._files import (
     write_json_atomic,
 )
 from ._limits import check_resources
+from ._paper import BASELINE_NAMES
 from ._parallel import num_devices
 from ._train import Trainer, TrainState
 from ._version import __version__
@@ -813,12 +814,7 @@ def summary_table(config: Config, result: dict) -> str:
     lines.append(row(name, result["model"], paper.get("model")))
     for b in ("constrr", "adarr", "tunedrr", "ols", f"gd{m.layers}"):
         if b in result["baselines"]:
-            label = {
-                "constrr": "ConstRR",
-                "adarr": "AdaRR",
-                "tunedrr": "TunedRR",
-                "ols": "OLS",
-            }.get(b, f"GD {m.layers} steps")
+            label = BASELINE_NAMES.get(b, f"GD {m.layers} steps")
             lines.append(row(label, result["baselines"][b], paper.get(b)))
     plain, tail = result["model"].get("exact_tail"), result["model"].get("tail")
     if plain and tail:  # is the number carried by a few sequences? (SPEC §9)

@@ -28,13 +28,12 @@ from typing import Any
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
 from ._evaluate import SequenceCache, evaluate_baselines, selection_keys, unsound
 from ._files import write_csv_atomic, write_json_atomic
-from ._paper import paper_table
+from ._paper import MODEL_ROWS, paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
 MODELS = ("gdpp", "diag", "full")
 LAYERS = tuple(range(1, 8))
 COLUMNS = ("0", "1", "2", "3", "4", "5", "6", "7", "{1;3}", "{1;3;5}")
-MODEL_ROWS = {"gdpp": "GD++", "diag": "DIAG", "full": "FULL"}
 # exact_max / exact_top: the plain test draw's largest per-sequence loss and the share of its
 # mean carried by the top 0.1 % of sequences; tail*: the tail-aware estimate (SPEC §9).
 TAIL_FIELDS = (

@@ -25,6 +25,19 @@ import argparse
 import pathlib
 import sys
 
+# The sweep's files, for the tools that read them (analysis.table, analysis.figures, ...).
+from ._sweep import (
+    COLUMNS as COLUMNS,
+    LAYERS as LAYERS,
+    Cell as Cell,
+    SweepError as SweepError,
+    column_tag as column_tag,
+    parse_cells as parse_cells,
+    read_baselines as read_baselines,
+    read_table as read_table,
+    weights_path as weights_path,
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_jax()
     from ._config import ConfigError
     from ._run import RunDirError
-    from ._sweep import SweepError, listing, parse_cells, run_recipe
+    from ._sweep import listing, run_recipe
 
     try:
         if args.seeds is not None and args.seeds < 1:
