@@ -64,8 +64,11 @@ def theorem41_terms(
     M^{l+1} = (I + A) M^l − b (w^l)ᵀ,   u^{l+1} = (I + A) u^l + a^l b,
     a^{l+1} = (1 + δ) a^l + <c, u^l>,   w^{l+1} = (1 + δ) w^l − (M^l)ᵀ c,
 
-    with [[A, b], [cᵀ, δ]] = layer.operator(S^l) and S^l from `token_statistics`.
+    with [[A, b], [cᵀ, δ]] = layer.operator(S^l) and S^l from `token_statistics`. A layer
+    class whose `__call__` is its own is refused (`eqicl.UnknownLayer`): the recursion reads
+    the layer only through its operator.
     """
+    eqicl.require_statistics(model, "theorem41_terms (the Theorem 4.1 recursion)")
     d = x.shape[1]
     sigma, alpha, lam = eqicl.statistics(x, y)
     eye = jnp.eye(d, dtype=x.dtype)

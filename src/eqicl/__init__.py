@@ -53,10 +53,12 @@ from ._model import (
     FullAttention as FullAttention,
     GDPPAttention as GDPPAttention,
     LinearTransformer as LinearTransformer,
+    UnknownLayer as UnknownLayer,
     WeightsError as WeightsError,
     context_statistics as context_statistics,
     init_transformer as init_transformer,
     load_weights as load_weights,
+    require_statistics as require_statistics,
     save_weights as save_weights,
     warm_transformer as warm_transformer,
 )

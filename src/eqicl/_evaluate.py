@@ -27,6 +27,7 @@ from ._fast import (
     context_stats,
     layer_weights,
     posterior_mean,
+    sample_weighted_batch,
     sample_weighted_stats,
 )
 from ._model import LinearTransformer
@@ -63,7 +64,18 @@ def model_weights_and_predictions(
 ) -> tuple[Float[Array, "batch layers d"], Float[Array, "batch layers"]]:
     """w^l of every layer and the prediction <w^l, x_q> on the real query, from the context
     statistics S⁰ (`eqicl._fast.layer_weights`: the compiled kernel or XLA, the same choice
-    as training makes); the token equation gives the same weights to round-off."""
+    as training makes); the token equation gives the same weights to round-off. A layer
+    class whose `__call__` is its own (`statistics_exact` false) runs on the tokens: the
+    basis vectors as queries give w^l (ŷ is linear in the query), then the real query."""
+    if not model.statistics_exact:
+
+        def one(x1, y1, q1):
+            d = x1.shape[-1]
+            queries = jnp.concatenate([jnp.eye(d, dtype=x1.dtype), q1[None]], axis=0)
+            preds = model(x1, y1, queries)
+            return preds[:, :d], preds[:, d]
+
+        return jax.vmap(one)(x, y, xq)
     w = layer_weights(model, context_stats(x, y))  # (layers, d, batch)
     w = jnp.transpose(w, (2, 0, 1))  # (batch, layers, d)
     return w, jnp.einsum("bld,bd->bl", w, xq)
@@ -404,6 +416,11 @@ def _draw_weighted(task: TaskConfig, key, size: int, proposal: Proposal, dtype):
     return sample_weighted_stats(key, task, size, proposal, dtype)
 
 
+@eqx.filter_jit
+def _draw_weighted_batch(task: TaskConfig, key, size: int, proposal: Proposal, dtype):
+    return sample_weighted_batch(key, task, size, proposal, dtype)
+
+
 def estimate(
     model: LinearTransformer,
     task: TaskConfig,
@@ -436,14 +453,21 @@ def estimate_all(
         raise ValueError(f"an estimate needs at least 2 sequences, got {sequences}")
     dt = eval_dtype()
     cast_models = {name: cast(m, dt) for name, m in models.items()}
+    # A layer class the statistics formulation does not compute: every model on tokens.
+    tokens = not all(m.statistics_exact for m in models.values())
     losses: dict[str, list] = {name: [] for name in models}
     log_ws = []
     done = 0
     for i in range(math.ceil(sequences / chunk)):
         size = min(chunk, sequences - done)
-        st, log_w = _draw_weighted(task, jr.fold_in(key, i), size, proposal, dt)
+        if tokens:
+            batch, log_w = _draw_weighted_batch(task, jr.fold_in(key, i), size, proposal, dt)
+            sp = _spectral(batch)
+        else:
+            st, log_w = _draw_weighted(task, jr.fold_in(key, i), size, proposal, dt)
         for name, m in cast_models.items():
-            losses[name].append(np.asarray(jax.device_get(stats_exact_losses(m, st))))
+            ell = model_exact_losses(m, batch, sp).T if tokens else stats_exact_losses(m, st)
+            losses[name].append(np.asarray(jax.device_get(ell)))
         log_ws.append(np.asarray(jax.device_get(log_w)))
         done += size
         if progress is not None:

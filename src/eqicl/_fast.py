@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _kernel
 from ._config import TaskConfig
-from ._model import AbstractLinearAttention, LinearTransformer
+from ._model import AbstractLinearAttention, LinearTransformer, require_statistics
 from ._tail import Proposal
 from ._task import Batch, noise_draws, sample_batch, sample_sigma
 
@@ -159,6 +159,7 @@ def layer_maps(
     model: LinearTransformer, s: Float[Array, "D D batch"]
 ) -> Float[Array, "layers D D batch"]:
     """I + Tˡ of every layer, Tˡ = layer.operator(Sˡ), with Sˡ⁺¹ = (I + Tˡ) Sˡ (I + Tˡ)ᵀ."""
+    require_statistics(model, "the statistics formulation")
     dynamic, static = eqx.partition(model.layers, eqx.is_array)
     eye = jnp.eye(s.shape[0], dtype=s.dtype)[:, :, None]
 
@@ -204,6 +205,7 @@ def final_weights(
     """wᴸ after the last layer: ŷ = <wᴸ, x_t>, wᴸ = −(e_Dᵀ (I+Tᴸ⁻¹) ⋯ (I+T⁰))[:d]. On a
     single CPU device this runs eqicl's compiled kernel (`eqicl._kernel`, same result to
     round-off); elsewhere the XLA formulation below."""
+    require_statistics(model, "final_weights (the statistics formulation)")
     if _kernel.usable():
         return _kernel.final_weights(model, s)
     return xla_final_weights(model, s)
@@ -225,6 +227,7 @@ def layer_weights(
 ) -> Float[Array, "layers d batch"]:
     """wˡ after every layer (row l: after layer l + 1), from the cumulative maps Cˡ; the
     compiled kernel where it applies (forward only), as in `final_weights`."""
+    require_statistics(model, "layer_weights (the statistics formulation)")
     if _kernel.usable():
         return _kernel.layer_weights(model, s)
     return xla_layer_weights(model, s)
@@ -298,21 +301,31 @@ def sample_weighted_stats(
     return _draw_stats(key, task, batch, dtype, sampler, proposal)
 
 
+def sample_weighted_batch(
+    key: PRNGKeyArray, task: TaskConfig, batch: int, proposal: Proposal, dtype=jnp.float32
+) -> tuple[Batch, Float[Array, " batch"]]:
+    """`batch` sequences as tokens drawn from `proposal`, and each one's log weight log f/q:
+    the sequences `sample_weighted_stats(..., sampler="tokens")` takes its statistics of."""
+    scales = proposal.scales(batch, dtype)
+    b = sample_batch(
+        key, task, batch, dtype, x_scale=scales[0], w_scale=scales[1], e_scale=scales[2]
+    )
+    sum_x2 = jnp.sum(b.x**2, axis=(1, 2))
+    sum_e2 = None
+    if proposal.scales_noise:
+        sum_e2 = jnp.sum(noise_draws(key, task, batch, dtype, scales[2]) ** 2, axis=-1)
+    return b, proposal.log_weight(sum_x2, jnp.sum(b.w**2, axis=-1), task.n, task.d, sum_e2)
+
+
 def _draw_stats(key, task, batch, dtype, sampler, proposal):
-    scales = (None, None, None) if proposal is None else proposal.scales(batch, dtype)
     if sampler == "tokens" or not _kernel.sampler_usable():
-        b = sample_batch(
-            key, task, batch, dtype, x_scale=scales[0], w_scale=scales[1], e_scale=scales[2]
-        )
-        st = stats_from_batch(b)
-        st = Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma)
         if proposal is None:
-            return st, None
-        sum_x2 = jnp.sum(b.x**2, axis=(1, 2))
-        sum_e2 = None
-        if proposal.scales_noise:
-            sum_e2 = jnp.sum(noise_draws(key, task, batch, dtype, scales[2]) ** 2, axis=-1)
-        return st, proposal.log_weight(sum_x2, jnp.sum(b.w**2, axis=-1), task.n, task.d, sum_e2)
+            b, log_w = sample_batch(key, task, batch, dtype), None
+        else:
+            b, log_w = sample_weighted_batch(key, task, batch, proposal, dtype)
+        st = stats_from_batch(b)
+        return Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma), log_w
+    scales = (None, None, None) if proposal is None else proposal.scales(batch, dtype)
     d, n = task.d, task.n
     kz, ks = jr.split(key)
     z, normals = _kernel.sample_wishart(kz, n, d + 1, batch, 2 * d, dtype)

@@ -52,9 +52,21 @@ class AbstractLinearAttention(eqx.Module):
     label: ClassVar[str]
     fields: ClassVar[tuple[str, ...]]
     embeds: ClassVar[tuple[str, ...]]
+    # Whether `operator` is the whole layer (e ← e + e Tᵀ, T = operator(S), as `__call__`
+    # below): then the statistics formulation and the CPU kernel, which read only `operator`
+    # (or `kernel_operands`), compute what the layer computes. A subclass that overrides
+    # `__call__` is taken not to be unless it sets this itself (`__init_subclass__`); its
+    # models are then computed on the tokens wherever eqicl can, and refused where only the
+    # statistics exist (`UnknownLayer`).
+    statistics_exact: ClassVar[bool] = True
 
     scale_n: eqx.AbstractVar[float]
     scale_s: eqx.AbstractVar[float]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__ and "statistics_exact" not in cls.__dict__:
+            cls.statistics_exact = False
 
     @property
     @abc.abstractmethod
@@ -337,6 +349,24 @@ def init_layer(
     return cls.from_arrays(arrays, d, scale_n, scale_s)
 
 
+class UnknownLayer(ValueError):
+    """A computation that reads a layer only through its operator (the statistics
+    formulation, the CPU kernel, the Theorem 4.1 terms) asked of a layer class whose
+    `__call__` is its own (`AbstractLinearAttention.statistics_exact` false). One line."""
+
+
+def require_statistics(model: "LinearTransformer", what: str) -> None:
+    """UnknownLayer unless `what` (a computation on the statistics) is exact for `model`."""
+    cls = type(model.layers)
+    if not cls.statistics_exact:
+        raise UnknownLayer(
+            f"{what} reads a layer only through its operator(), but {cls.__name__} overrides "
+            "__call__; compute it on the tokens (train.formulation=tokens, eqicl.evaluate, "
+            f"model(x, y, xq)), or set {cls.__name__}.statistics_exact = True if operator() "
+            "is the whole layer"
+        )
+
+
 class LinearTransformer(eqx.Module, strict=True):
     """A stack of linear self-attention layers of one kind (SPEC §2).
 
@@ -352,6 +382,12 @@ class LinearTransformer(eqx.Module, strict=True):
     def kind(self) -> str:
         """The layers' variant (a `model.kind`)."""
         return self.layers.kind
+
+    @property
+    def statistics_exact(self) -> bool:
+        """Whether the statistics formulation computes this model (see
+        `AbstractLinearAttention.statistics_exact`)."""
+        return type(self.layers).statistics_exact
 
     def layer(self, index: int) -> AbstractLinearAttention:
         """Layer `index` (0-based) as a stand-alone module."""
@@ -448,6 +484,12 @@ def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
     import numpy as np
 
     layers = model.layers
+    missing = [a for a in ("kind", "fields") if not hasattr(type(layers), a)]
+    if missing:
+        raise WeightsError(
+            f"cannot save a {type(layers).__name__} model: its class defines no "
+            f"{' and no '.join(missing)} (a layer class names its kind and its parameter fields)"
+        )
     arrays = {name: np.asarray(a) for name, a in layers.arrays().items()}
     info = {
         "kind": layers.kind,
@@ -466,8 +508,11 @@ def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
     os.replace(tmp, path)
 
 
-def load_weights(path) -> tuple[LinearTransformer, dict]:
-    """(model, meta) from a file written by `save_weights`."""
+def load_weights(
+    path, layer_class: type[AbstractLinearAttention] | None = None
+) -> tuple[LinearTransformer, dict]:
+    """(model, meta) from a file written by `save_weights`; a layer class of one's own (not
+    in `VARIANTS`) is passed as `layer_class` (its `kind` must be the file's)."""
     import numpy as np
 
     try:
@@ -477,9 +522,16 @@ def load_weights(path) -> tuple[LinearTransformer, dict]:
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
     meta = {k[5:]: data.pop(k).item() for k in list(data) if k.startswith("meta.")}
     try:
-        cls = VARIANTS.get(meta["kind"])
+        cls = VARIANTS.get(meta["kind"]) if layer_class is None else layer_class
         if cls is None:
-            raise KeyError("kind")
+            raise WeightsError(
+                f"weights file {path} holds a {meta['kind']!r} model, not one of eqicl's "
+                f"({', '.join(VARIANTS)}); pass its layer class: load_weights(path, layer_class=...)"
+            )
+        if cls.kind != meta["kind"]:
+            raise WeightsError(
+                f"weights file {path} holds a {meta['kind']!r} model, not a {cls.kind!r} one"
+            )
         arrays = {name: jnp.asarray(data[name]) for name in cls.fields}
         layers = cls.stacked(arrays, int(meta["d"]), float(meta["scale_n"]), float(meta["scale_s"]))
         return LinearTransformer(layers=layers, num_layers=int(meta["layers"])), meta

@@ -1,0 +1,153 @@
+"""A layer class of the user's own, defined outside the package as a researcher would: a DIAG
+layer whose query update is scaled by a learned g. Its `__call__` is its own, so the
+statistics formulation (and the CPU kernel), which read only `operator()`, would score it as
+plain DIAG. Every public entry point must compute what the model computes (the token
+equation) or refuse in one line."""
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from jaxtyping import Array, Float
+
+import analysis
+import eqicl
+
+F64 = jnp.float64
+TASK = eqicl.TaskConfig(d=4, n=9, sigma_max=1.0)
+
+
+class ScaledQuery(eqicl.AbstractDiagAttention, strict=True):
+    """DIAG whose update of the query tokens (not the context) is multiplied by g."""
+
+    kind: ClassVar[str] = "scaled-query"
+    label: ClassVar[str] = "DIAG-g"
+    fields: ClassVar[tuple[str, ...]] = ("p", "q", "g")
+    embeds: ClassVar[tuple[str, ...]] = ("scaled-query",)
+
+    p: Float[Array, "heads 2"]
+    q: Float[Array, "heads 2"]
+    g: Float[Array, ""]
+    dim: int = eqx.field(static=True)
+    scale_n: float = eqx.field(static=True, default=1.0)
+    scale_s: float = eqx.field(static=True, default=1.0)
+
+    def head_scalars(self):
+        return jnp.stack([self.p[:, 0], self.p[:, 1], self.q[:, 0], self.q[:, 1]])
+
+    @classmethod
+    def init_arrays(cls, key, heads, d, scale, gd, dtype):
+        raise NotImplementedError
+
+    def __call__(self, tokens, n):
+        t = self.operator(eqicl.context_statistics(tokens, n))
+        factor = jnp.where(jnp.arange(tokens.shape[0]) < n, 1.0, self.g).astype(tokens.dtype)
+        return tokens + factor[:, None] * (tokens @ t.T)
+
+
+def _models():
+    """The custom model (g = 0.5, 0.7, 0.9) and plain DIAG with the same p and q."""
+    diag = eqicl.init_transformer(
+        jr.key(0), eqicl.ModelConfig(kind="diag", layers=3, init_scale=0.05), TASK, F64
+    )
+    layers = diag.layers
+    custom = ScaledQuery(
+        p=layers.p, q=layers.q, g=jnp.asarray([0.5, 0.7, 0.9], F64), dim=layers.dim
+    )
+    return eqicl.LinearTransformer(layers=custom, num_layers=3), diag
+
+
+def _token_exact_losses(model, batch):
+    """½‖wˡ − μ‖² from the token equation alone: wˡ by querying the basis vectors."""
+    w = jax.vmap(model.implicit_weights)(batch.x, batch.y)  # (batch, layers, d)
+    mu = jax.vmap(eqicl.oracle_weights)(batch.x, batch.y, batch.sigma)  # (batch, d)
+    return 0.5 * jnp.sum((w - mu[:, None]) ** 2, axis=-1)
+
+
+def test_the_class_says_its_statistics_map_is_unknown():
+    custom, diag = _models()
+    assert not custom.statistics_exact and diag.statistics_exact
+
+
+def test_exact_losses_and_evaluation_follow_the_token_equation():
+    custom, diag = _models()
+    batch = eqicl.sample_batch(jr.key(1), TASK, 64, F64)
+    want = _token_exact_losses(custom, batch)
+    sp = eqicl.spectral(batch)
+    got = eqicl.model_exact_losses(custom, batch, sp)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    plain = eqicl.model_exact_losses(diag, batch, sp)
+    assert np.max(np.abs(np.asarray(plain - got))) > 1e-3  # g matters: not scored as DIAG
+    scored = eqicl.score(custom, batch)  # the model and the baselines in one call
+    np.testing.assert_allclose(
+        [m["mean"] for m in scored["model"]], np.mean(np.asarray(want), axis=0), rtol=1e-10
+    )
+    w, pred = eqicl.model_weights_and_predictions(custom, batch.x, batch.y, batch.xq)
+    np.testing.assert_allclose(pred[:, -1], jax.vmap(custom.predict)(batch.x, batch.y, batch.xq))
+
+    config = eqicl.Config(task=TASK, model=eqicl.ModelConfig(kind="diag", layers=3))
+    small = eqicl.override(
+        config,
+        [
+            "eval.sequences=400",
+            "eval.chunk=400",
+            "eval.tune_sequences=400",
+            "eval.profile_points=2",
+            "eval.profile_sequences=50",
+            "eval.tail_sequences=400",
+        ],
+    )
+    result = eqicl.evaluate(custom, small, baselines=False)
+    reference = eqicl.evaluate(diag, small, baselines=False)
+    ours = result["model"]["adjusted_exact"]["mean"]
+    assert abs(ours - reference["model"]["adjusted_exact"]["mean"]) > 1e-3
+    # The tail-aware estimate runs on tokens too: the same expectation, other sequences.
+    tail = result["model"]["tail"]
+    assert tail["finite"] and abs(tail["mean"] - ours) < 5 * (tail["se"] + 1e-3)
+
+
+def test_the_tail_aware_estimate_on_tokens_is_the_token_equation():
+    custom, _ = _models()
+    key = jr.key(3)
+    [est] = [eqicl.estimate(custom, TASK, key, 300, eqicl.PLAIN, chunk=300)[-1]]
+    batch = eqicl.sample_batch(jr.fold_in(key, 0), TASK, 300, F64)
+    want = _token_exact_losses(custom, batch)[:, -1]
+    np.testing.assert_allclose(est["mean"], float(jnp.mean(want)), rtol=1e-10)
+
+
+def test_training_loss_on_tokens_and_a_clear_refusal_on_statistics():
+    custom, _ = _models()
+    batch = eqicl.sample_batch(jr.key(4), TASK, 32, F64)
+    tokens = eqicl.TrainConfig(formulation="tokens", objective="sampled", loss_clip=0.0)
+    got = eqicl.loss_fn(custom, batch, tokens)
+    pred = jax.vmap(custom.predict)(batch.x, batch.y, batch.xq)
+    np.testing.assert_allclose(got, jnp.mean(0.5 * (pred - batch.yq) ** 2), rtol=1e-12)
+    from eqicl._fast import stats_from_batch
+
+    with pytest.raises(eqicl.UnknownLayer, match=r"^.*ScaledQuery overrides __call__"):
+        eqicl.loss_fn(custom, stats_from_batch(batch), eqicl.TrainConfig(formulation="stats"))
+
+
+def test_analysis_refuses_a_layer_it_cannot_read():
+    custom, _ = _models()
+    batch = eqicl.sample_batch(jr.key(5), TASK, 1, F64)
+    with pytest.raises(eqicl.UnknownLayer, match="theorem41_terms"):
+        analysis.theorem41_terms(custom, batch.x[0], batch.y[0])
+
+
+def test_weights_round_trip_with_the_users_class(tmp_path):
+    custom, _ = _models()
+    path = tmp_path / "custom.npz"
+    eqicl.save_weights(custom, path)
+    back, meta = eqicl.load_weights(path, layer_class=ScaledQuery)
+    assert meta["kind"] == "scaled-query" and isinstance(back.layers, ScaledQuery)
+    for name in ScaledQuery.fields:
+        np.testing.assert_array_equal(getattr(back.layers, name), getattr(custom.layers, name))
+    with pytest.raises(eqicl.WeightsError, match="pass its layer class"):
+        eqicl.load_weights(path)
+    with pytest.raises(eqicl.WeightsError, match="not a 'diag' one"):
+        eqicl.load_weights(path, layer_class=eqicl.DiagAttention)
