@@ -259,6 +259,8 @@ def ensemble_member(models, i: int):
 
 
 def profile_sigmas(task: TaskConfig, points: int, factor: float) -> np.ndarray:
+    """The per-variance profile's grid: `points` values of σ from 0 to `factor` times the top
+    of the task's training range (to 1 for a noiseless task)."""
     top = task.sigma_range * factor if task.sigma_range > 0 else 1.0
     return np.linspace(0.0, top, points)
 

@@ -58,7 +58,7 @@ from ._files import (
     write_json_atomic,
 )
 from ._limits import check_resources
-from ._paper import BASELINE_NAMES
+from ._paper import BASELINE_NAMES, MODEL_ROWS
 from ._parallel import num_devices
 from ._train import Trainer, TrainState
 from ._version import __version__
@@ -795,7 +795,7 @@ def summary_table(config: Config, result: dict) -> str:
         return f"SUSPECT: {result['reason']}\n{summary_table(config, {**result, 'status': 'ok'})}"
     paper = result.get("paper", {})
     m = config.model
-    name = f"{m.kind.upper() if m.kind != 'gdpp' else 'GD++'} L={m.layers}"
+    name = f"{MODEL_ROWS[m.kind]} L={m.layers}"
     lines = [
         f"adjusted loss, task {config.task.noise} σ {config.task.label}, "
         f"d={config.task.d} n={config.task.n}, "

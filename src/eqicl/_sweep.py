@@ -28,7 +28,7 @@ from typing import Any
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
 from ._evaluate import SequenceCache, evaluate_baselines, selection_keys, unsound
 from ._files import write_csv_atomic, write_json_atomic
-from ._paper import MODEL_ROWS, paper_table
+from ._paper import BASELINE_ROWS, MODEL_ROWS, paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
 MODELS = ("gdpp", "diag", "full")
@@ -629,9 +629,8 @@ def _record_baselines(paper_dir: pathlib.Path, column: str, config: Config, resu
     path = paper_dir / "baselines.csv"
     rows = read_baselines(paper_dir)
     table = paper_table()
-    names = {"constrr": "CONSTRR", "adarr": "ADARR", "tunedrr": "TUNEDRR"}
     for name, r in result["baselines"].items():
-        paper = table.get((names.get(name, ""), None, column))
+        paper = table.get((BASELINE_ROWS.get(name, ""), None, column))
         rows[(name, column)] = {
             "method": name,
             "noise": column,
