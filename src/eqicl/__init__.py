@@ -27,6 +27,7 @@ from ._config import (
     ConfigError as ConfigError,
     EvalConfig as EvalConfig,
     ModelConfig as ModelConfig,
+    NoiseLaw as NoiseLaw,
     TaskConfig as TaskConfig,
     TrainConfig as TrainConfig,
     override as override,
@@ -35,6 +36,7 @@ from ._config import (
 from ._evaluate import (
     SequenceCache as SequenceCache,
     cast as cast,
+    ensemble_member as ensemble_member,
     estimate as estimate,
     estimate_all as estimate_all,
     evaluate as evaluate,

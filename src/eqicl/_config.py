@@ -1,5 +1,6 @@
 """Typed, frozen run configuration, named presets and type-checked CLI overrides."""
 
+import abc
 import collections.abc
 import dataclasses
 import json
@@ -28,6 +29,36 @@ def _check_ints(section, prefix: str) -> None:
 
 
 NoiseKind = Literal["uniform", "categorical", "fixed"]
+
+
+class NoiseLaw(abc.ABC):
+    """A law of the per-sequence noise level σ_τ of one's own, given as `TaskConfig(noise=law)`
+    in place of a built-in kind: training (both samplers), evaluation, the baselines and the
+    parameter units all draw σ_τ from it. Write it as a frozen dataclass (configs are hashed
+    as static arguments of jitted functions). Such a task lives in Python only: a run
+    directory's config.json holds the built-in kinds, so `eqicl.run` refuses it in one line;
+    train it with `eqicl.Trainer` / `eqicl.train_loop` and score it with `eqicl.evaluate`."""
+
+    @abc.abstractmethod
+    def sample(self, key, batch: int, dtype):
+        """σ_τ of `batch` sequences (a JAX array of shape (batch,), every value >= 0)."""
+
+    @property
+    @abc.abstractmethod
+    def mean_sigma2(self) -> float:
+        """E[σ_τ²]."""
+
+    @property
+    @abc.abstractmethod
+    def sigma_range(self) -> float:
+        """The largest σ_τ the law draws (the profile's grid reaches past it)."""
+
+    @property
+    def label(self) -> str:
+        """The task's noise in tables and messages."""
+        return type(self).__name__
+
+
 # The kinds of eqicl._model.VARIANTS (this module cannot import the layer classes; a test
 # checks that the two lists agree).
 ModelKind = Literal["full", "diag", "gdpp"]
@@ -44,7 +75,7 @@ class TaskConfig:
 
     d: int = 10
     n: int = 20
-    noise: NoiseKind = "uniform"
+    noise: NoiseKind | NoiseLaw = "uniform"
     sigma_max: float = 3.0
     sigma_set: tuple[float, ...] = (1.0, 3.0)
     sigma: float = 1.0
@@ -55,7 +86,15 @@ class TaskConfig:
             raise ConfigError(f"task.d must be >= 1, got {self.d}")
         if self.n < 1:
             raise ConfigError(f"task.n must be >= 1, got {self.n}")
-        if self.noise not in typing.get_args(NoiseKind):
+        if isinstance(self.noise, NoiseLaw):
+            try:
+                hash(self.noise)
+            except TypeError:
+                raise ConfigError(
+                    f"task.noise: a {type(self.noise).__name__} must be hashable (write it as a "
+                    "frozen dataclass): configs are static arguments of jitted functions"
+                ) from None
+        elif self.noise not in typing.get_args(NoiseKind):
             raise ConfigError(
                 f"task.noise must be one of {typing.get_args(NoiseKind)}, got {self.noise!r}"
             )
@@ -73,6 +112,8 @@ class TaskConfig:
     @property
     def mean_sigma2(self) -> float:
         """E[σ_τ²] under the task's noise distribution."""
+        if isinstance(self.noise, NoiseLaw):
+            return self.noise.mean_sigma2
         if self.noise == "uniform":
             return self.sigma_max**2 / 3
         if self.noise == "categorical":
@@ -82,6 +123,8 @@ class TaskConfig:
     @property
     def sigma_range(self) -> float:
         """The largest σ_τ the task can draw."""
+        if isinstance(self.noise, NoiseLaw):
+            return self.noise.sigma_range
         if self.noise == "uniform":
             return self.sigma_max
         if self.noise == "categorical":
@@ -91,6 +134,8 @@ class TaskConfig:
     @property
     def label(self) -> str:
         """The noise column of the paper's Table 1 ("3", "{1;3}", ...), or a descriptive label."""
+        if isinstance(self.noise, NoiseLaw):
+            return self.noise.label
         if self.noise == "uniform":
             return _num(self.sigma_max)
         if self.noise == "categorical":
@@ -373,6 +418,12 @@ class Config:
             raise ConfigError(f"seed must be an integer in [0, {INT32_MAX}], got {self.seed:.3g}")
 
     def to_dict(self) -> dict[str, Any]:
+        if isinstance(self.task.noise, NoiseLaw):
+            raise ConfigError(
+                f"task.noise is a {type(self.task.noise).__name__} (an eqicl.NoiseLaw of one's "
+                "own): a config.json holds only the built-in kinds; use eqicl.Trainer / "
+                "eqicl.train_loop and eqicl.evaluate for it"
+            )
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
@@ -408,6 +459,9 @@ def _field_type(cls, name: str):
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a JSON value (or a CLI string) to the field's type, or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # a kind or an object (NoiseLaw): text is a kind
+        (tp,) = [t for t in typing.get_args(tp) if typing.get_origin(t) is Literal]
+        origin = Literal
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -475,7 +529,11 @@ def _parse_override(assignment: str) -> tuple[str, str | None, str]:
 
 def override(config: Config, assignments: collections.abc.Sequence[str]) -> Config:
     """Apply `section.field=value` (or `seed=value`) overrides, each type-checked against its
-    field; cross-field checks run once, after all of them."""
+    field; cross-field checks run once, after all of them. A task's own NoiseLaw is kept
+    (unless `task.noise` is overridden)."""
+    law = config.task.noise if isinstance(config.task.noise, NoiseLaw) else None
+    if law is not None:  # the dict form holds only the built-in kinds
+        config = dataclasses.replace(config, task=dataclasses.replace(config.task, noise="uniform"))
     data = config.to_dict()
     for assignment in assignments:
         section, name, value = _parse_override(assignment)
@@ -483,7 +541,12 @@ def override(config: Config, assignments: collections.abc.Sequence[str]) -> Conf
             data["seed"] = value
         else:
             data[section][name] = value
-    return Config.from_dict(data)
+            if (section, name) == ("task", "noise"):
+                law = None
+    out = Config.from_dict(data)
+    if law is not None:
+        out = dataclasses.replace(out, task=dataclasses.replace(out.task, noise=law))
+    return out
 
 
 def _tiny() -> Config:

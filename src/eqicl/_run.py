@@ -735,6 +735,7 @@ def run(
     model shape, a run directory in use) raises RunDirError before anything is written.
     SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
     # Everything that can refuse the config does so before anything is written.
+    config.to_dict()  # config.json must be able to hold it (not a task with its own NoiseLaw)
     check_resources(config)
     num_devices(config.train)
     trainer = Trainer(config)

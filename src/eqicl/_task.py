@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._config import TaskConfig
+from ._config import NoiseLaw, TaskConfig
 
 PRNG_IMPL = "rbg"
 
@@ -36,7 +36,10 @@ class Batch(eqx.Module):
 def sample_sigma(
     key: PRNGKeyArray, task: TaskConfig, batch: int, dtype=jnp.float32
 ) -> Float[Array, " batch"]:
-    """σ_τ for `batch` sequences from the task's noise distribution."""
+    """σ_τ for `batch` sequences from the task's noise distribution (a built-in kind, or an
+    `eqicl.NoiseLaw` of one's own)."""
+    if isinstance(task.noise, NoiseLaw):
+        return jnp.asarray(task.noise.sample(key, batch, dtype), dtype)
     if task.noise == "uniform":
         return jr.uniform(key, (batch,), dtype, 0.0, task.sigma_max)
     if task.noise == "categorical":
