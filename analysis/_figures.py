@@ -146,7 +146,7 @@ def plot_training(metrics: list[dict], path: pathlib.Path) -> pathlib.Path:
     if seeds:
         ax.legend(fontsize=7, ncol=2)
     # Each seed's rate as used (a list per call); files written before that log one rate.
-    rates = [(m["step"], np.atleast_1d(m["lr"])) for m in metrics if "lr" in m]
+    rates = [(m["step"], np.atleast_1d(m["lr"])) for m in metrics if m.get("lr") is not None]
     for k in range(max((len(r) for _, r in rates), default=0)):
         pts = [(s, r[k] if len(r) > k else r[0]) for s, r in rates]
         ax_lr.plot(

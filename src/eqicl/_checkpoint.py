@@ -219,10 +219,12 @@ def _check_shapes(meta: dict, want: list[str], where: str) -> None:
         )
 
 
-def _restore_step(manager, step: int, config: Config, where: str) -> TrainState:
+def _restore_step(
+    manager, step: int, config: Config, where: str, like: TrainState | None = None
+) -> TrainState:
     ocp = _ocp()
     meta = _read_meta(manager, step)
-    dynamic, static = eqx.partition(skeleton(config), _is_shape)
+    dynamic, static = eqx.partition(skeleton(config) if like is None else like, _is_shape)
     abstract = jax.tree.leaves(dynamic)
     _check_shapes(meta, _signature(abstract), where)
     named = meta.get("layout") == "named"
@@ -253,12 +255,16 @@ def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
     return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
 
 
-def check_checkpoint_shapes(run_dir: pathlib.Path, config: Config) -> None:
-    """RunDirError if a readable checkpoint holds another model shape (read-only)."""
+def check_checkpoint_shapes(
+    run_dir: pathlib.Path, config: Config, like: TrainState | None = None
+) -> None:
+    """RunDirError if a readable checkpoint holds another model shape (read-only). `like`:
+    the state's shapes when they are not the config's (`eqicl.Trainer.abstract`)."""
     steps = checkpoint_steps(run_dir)
     if not steps:
         return
-    want = _signature(jax.tree.leaves(eqx.filter(skeleton(config), _is_shape)))
+    abstract = skeleton(config) if like is None else like
+    want = _signature(jax.tree.leaves(eqx.filter(abstract, _is_shape)))
     manager = checkpoint_manager(run_dir, read_only=True)
     try:
         for step in steps:
@@ -303,11 +309,12 @@ def restore_checkpoint(
     scheduled_only: bool = False,
     quarantine: bool = False,
     warn: Callable[[str], None] = stderr_warning,
+    like: TrainState | None = None,
 ) -> TrainState | None:
     """The newest intact checkpoint (at step <= `at_most`, scheduled ones only if asked),
     restored into the config's state structure; None if there is none. A damaged one is
     skipped with a warning (and moved to corrupt/ if `quarantine`). A checkpoint of another
-    model shape raises RunDirError."""
+    model shape raises RunDirError. `like`: as in `check_checkpoint_shapes`."""
     steps = [
         s
         for s in checkpoint_steps(run_dir)
@@ -320,7 +327,7 @@ def restore_checkpoint(
         for step in steps:
             where = f"checkpoint {step} of {run_dir}"
             try:
-                return _restore_step(manager, step, config, where)
+                return _restore_step(manager, step, config, where, like)
             except _Corrupt as e:
                 action = f"moved to {CORRUPT}/" if quarantine else "skipped"
                 warn(f"{where} is damaged ({e}); {action}")

@@ -58,6 +58,7 @@ from ._files import (
     write_json_atomic,
 )
 from ._limits import check_resources
+from ._model import LinearTransformer
 from ._paper import BASELINE_NAMES, MODEL_ROWS
 from ._parallel import num_devices
 from ._train import Trainer, TrainState
@@ -140,9 +141,12 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
+def check_run_dir(
+    run_dir: str | os.PathLike, config: Config, like: TrainState | None = None
+) -> pathlib.Path:
     """Check, without writing anything, that `run_dir` can hold a run of `config`: it is
-    new, empty, or a run of the same config whose checkpoints have the config's shapes."""
+    new, empty, or a run of the same config whose checkpoints have the config's shapes (or
+    those of `like`, a trainer's own state)."""
     path = pathlib.Path(run_dir)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} exists and is not a directory")
@@ -155,7 +159,7 @@ def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
                 f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                 "choose another --run-dir or delete that directory"
             )
-        check_checkpoint_shapes(path, config)
+        check_checkpoint_shapes(path, config, like)
     elif path.exists() and any(
         p.name != LOCK and not _LEFTOVER.fullmatch(p.name) for p in path.iterdir()
     ):
@@ -165,10 +169,12 @@ def check_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
     return path
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, config: Config) -> pathlib.Path:
+def prepare_run_dir(
+    run_dir: str | os.PathLike, config: Config, like: TrainState | None = None
+) -> pathlib.Path:
     """Create the run directory and write config.json before step 0, or check that an
     existing one holds the same config (then the run resumes)."""
-    path = check_run_dir(run_dir, config)
+    path = check_run_dir(run_dir, config, like)
     if not (path / "config.json").exists():
         path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
@@ -413,7 +419,13 @@ def _rollback(
     if not back:
         return _set(state, rollbacks=rollbacks), False
     restored = restore_checkpoint(
-        path, config, at_most=step, scheduled_only=True, quarantine=True, warn=warn
+        path,
+        config,
+        at_most=step,
+        scheduled_only=True,
+        quarantine=True,
+        warn=warn,
+        like=trainer.abstract() if trainer.custom else None,
     )
     restored = trainer.init() if restored is None else restored
     target = int(restored.step[0])
@@ -724,12 +736,16 @@ def run(
     evaluate: bool = True,
     baselines: bool = True,
     test_cache: SequenceCache | None = None,
+    trainer: Trainer | None = None,
 ) -> dict:
     """Train (or resume) into `run_dir`, select the best seed, evaluate, write eval.json
     (with the baselines on the same sequences unless `baselines=False`; with
     `evaluate=False`, stop after training: {"status": "trained", "steps": ...}).
     `test_cache` holds the test sequences of earlier evaluations to score on again
     (`eqicl.SequenceCache`; the sweep shares one across the cells of a noise setting).
+    `trainer`: an `eqicl.Trainer` of this config with parts of one's own (model, optimizer,
+    objective, sampler); the run directory records the config, not those functions, so a
+    resumed run must be given the same trainer. Evaluation needs a LinearTransformer.
 
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
@@ -738,20 +754,29 @@ def run(
     config.to_dict()  # config.json must be able to hold it (not a task with its own NoiseLaw)
     check_resources(config)
     num_devices(config.train)
-    trainer = Trainer(config)
+    if trainer is None:
+        trainer = Trainer(config)
+    elif trainer.config != config:
+        raise ValueError("the trainer was built for another config than the one given to run")
+    like = trainer.abstract() if trainer.custom else None
     if config.model.init_from:
         eqx.filter_eval_shape(trainer.init)
-    path = check_run_dir(run_dir, config)
+    if evaluate and like is not None and not isinstance(like.model, LinearTransformer):
+        raise ValueError(
+            f"evaluation scores a LinearTransformer, not a {type(like.model).__name__}; "
+            "run(..., evaluate=False) trains it"
+        )
+    path = check_run_dir(run_dir, config, like)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create {path}: {e.strerror}") from None
     with stop_outside_training(), run_lock(path, echo):
         remove_leftovers(path, warn)
-        prepare_run_dir(path, config)  # again under the lock: another trainer may have won
+        prepare_run_dir(path, config, like)  # again under the lock: another trainer may have won
         remove_partial_checkpoints(path, warn)
         metrics_path = path / "metrics.jsonl"
-        state = restore_checkpoint(path, config, quarantine=True, warn=warn)
+        state = restore_checkpoint(path, config, quarantine=True, warn=warn, like=like)
         if state is None:
             state = trainer.init()
             start = 0
@@ -775,7 +800,10 @@ def run(
         if start < config.train.steps:
             from ._kernel import describe
 
-            echo(f"training step: {describe(config.train)}")
+            what = describe(config.train)
+            if trainer.custom:
+                what = "a trainer's own parts (eqicl.Trainer) over the config's steps and seeds"
+            echo(f"training step: {what}")
             try:
                 state = _train(config, path, trainer, state, progress, echo, warn)
             except _Diverged as e:

@@ -138,11 +138,16 @@ def init_state(
     config: Config,
     member: Int[Array, ""] | int,
     optimizer: optax.GradientTransformation | None = None,
+    init: Callable[[PRNGKeyArray], eqx.Module] | None = None,
 ) -> TrainState:
     """Ensemble member `member`'s state at step 0 (`optimizer`: `make_optimizer(config.train)`
-    unless given)."""
+    unless given; `init(key)`: the member's model, `init_transformer` of the config unless
+    given)."""
     model_key, _ = member_keys(config.seed, member)
-    model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
+    if init is None:
+        model = init_transformer(model_key, config.model, config.task, train_dtype(config.train))
+    else:
+        model = init(model_key)
     optimizer = make_optimizer(config.train) if optimizer is None else optimizer
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     dtype = train_dtype(config.train)
@@ -158,10 +163,12 @@ def init_state(
 
 
 def init_ensemble(
-    config: Config, optimizer: optax.GradientTransformation | None = None
+    config: Config,
+    optimizer: optax.GradientTransformation | None = None,
+    init: Callable[[PRNGKeyArray], eqx.Module] | None = None,
 ) -> TrainState:
-    """`train.seeds` members stacked along a leading axis."""
-    return eqx.filter_vmap(lambda m: init_state(config, m, optimizer))(
+    """`train.seeds` members stacked along a leading axis (`init_state`'s arguments)."""
+    return eqx.filter_vmap(lambda m: init_state(config, m, optimizer, init))(
         jnp.arange(config.train.seeds)
     )
 
@@ -178,14 +185,24 @@ def train_step(
     member: Int[Array, ""],
     config: Config,
     optimizer: optax.GradientTransformation | None = None,
+    objective: Callable | None = None,
+    sampler: Callable | None = None,
 ) -> tuple[TrainState, tuple[Float[Array, ""], Bool[Array, ""]]]:
     """One optimizer step on a fresh batch, its update scaled by `state.lr_scale`. A step whose
     loss or gradient is not finite is not applied (reported as skipped and counted in
-    `state.skipped`). `optimizer`: `make_optimizer(config.train)` unless given."""
+    `state.skipped`). Unless given: `optimizer` is `make_optimizer(config.train)`,
+    `objective(model, data, log_weight)` is `loss_fn` with `config.train`, and
+    `sampler(key) -> (data, log_weight)` is `sample_train_data` of the config."""
     optimizer = make_optimizer(config.train) if optimizer is None else optimizer
     _, data_key = member_keys(config.seed, member)
-    batch, log_weight = sample_train_data(jr.fold_in(data_key, state.step), config)
-    loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model, batch, config.train, log_weight)
+    key = jr.fold_in(data_key, state.step)
+    batch, log_weight = sample_train_data(key, config) if sampler is None else sampler(key)
+    if objective is None:
+
+        def objective(model, data, log_w):
+            return loss_fn(model, data, config.train, log_w)
+
+    loss, grads = eqx.filter_value_and_grad(objective)(state.model, batch, log_weight)
     loss, grads = _faults.corrupt_gradient(loss, grads, state.step, member, state.rollbacks)
     params = eqx.filter(state.model, eqx.is_inexact_array)
     # optax mixes Python floats with its int32 step count (bias correction, schedules), which
@@ -214,15 +231,23 @@ def train_step(
 
 
 def make_train_chunk(
-    config: Config, num_steps: int, optimizer: optax.GradientTransformation | None = None
+    config: Config,
+    num_steps: int,
+    optimizer: optax.GradientTransformation | None = None,
+    objective: Callable | None = None,
+    sampler: Callable | None = None,
 ):
     """A jitted function advancing every ensemble member by `num_steps` steps (one
-    `lax.scan`), returning the new states and each member's per-step losses and skips."""
+    `lax.scan`), returning the new states and each member's per-step losses and skips
+    (`train_step`'s arguments)."""
     optimizer = make_optimizer(config.train) if optimizer is None else optimizer
 
     def member_chunk(state, member):
         return jax.lax.scan(
-            lambda s, _: train_step(s, member, config, optimizer), state, None, length=num_steps
+            lambda s, _: train_step(s, member, config, optimizer, objective, sampler),
+            state,
+            None,
+            length=num_steps,
         )
 
     @eqx.filter_jit(donate="all-except-first")
@@ -237,21 +262,46 @@ class Trainer:
     device mesh, and its jitted chunks (one compiled program per chunk length). `init()` is
     the ensemble at step 0; `advance(state)` is one jitted call of `train.steps_per_call`
     steps (fewer at the end) and returns the new state with that call's metrics. The host
-    loop around it (logging, the divergence guard, checkpoints, signals) is `eqicl.run`'s;
-    `train_loop` is the same loop without them.
+    loop around it (logging, the divergence guard, checkpoints, signals) is `eqicl.run`'s
+    (`eqicl.run(config, run_dir, trainer=...)`); `train_loop` is the same loop without them.
+
+    Any part may be one's own: `init(key)` a member's model (any `eqx.Module`; default
+    `init_transformer` of the config), `optimizer` any optax transformation (with the
+    `schedule` it follows, for the logged rate), `objective(model, data, log_weight)` the
+    loss (default `loss_fn`), `sampler(key) -> (data, log_weight)` the training data
+    (default the config's task; `log_weight` None for plain sampling). The config still
+    gives the steps, seeds, chunking, devices and the guard's settings.
 
     On several devices (`train.devices`) the state is replicated over a "data" mesh and
     every step's batch is sharded over it; the result equals one device's up to round-off."""
 
-    def __init__(self, config: Config):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        init: Callable[[PRNGKeyArray], eqx.Module] | None = None,
+        optimizer: optax.GradientTransformation | None = None,
+        schedule: optax.Schedule | None = None,
+        objective: Callable | None = None,
+        sampler: Callable | None = None,
+    ):
         self.config = config
-        self.schedule = learning_rate(config.train)
-        self.optimizer = make_optimizer(config.train, self.schedule)
+        self.init_model, self.objective, self.sampler = init, objective, sampler
+        if optimizer is None:
+            self.schedule = learning_rate(config.train) if schedule is None else schedule
+            self.optimizer = make_optimizer(config.train, self.schedule)
+        else:  # the rate logged is the `schedule` given with it (None: not logged)
+            self.schedule, self.optimizer = schedule, optimizer
+        self.custom = any(p is not None for p in (init, optimizer, schedule, objective, sampler))
         self.mesh = data_mesh(config.train)
         self._chunks: dict[int, Callable] = {}
 
     def init(self) -> TrainState:
-        return init_ensemble(self.config, self.optimizer)
+        return init_ensemble(self.config, self.optimizer, self.init_model)
+
+    def abstract(self) -> TrainState:
+        """The shapes and dtypes of `init()`, without computing it."""
+        return eqx.filter_eval_shape(self.init)
 
     def _place(self, tree):
         """Replicated over the mesh, wherever the arrays are now (a state restored from a
@@ -272,21 +322,23 @@ class Trainer:
         if k <= 0:
             raise ValueError(f"the state is at step {int(state.step[0])} of {tc.steps}")
         if k not in self._chunks:
-            self._chunks[k] = make_train_chunk(self.config, k, self.optimizer)
+            self._chunks[k] = make_train_chunk(
+                self.config, k, self.optimizer, self.objective, self.sampler
+            )
         members, state = self._place((jnp.arange(tc.seeds), state))
         t0 = time.perf_counter()
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
             state, (losses, skipped) = self._chunks[k](members, state)
         losses, skipped = jax.device_get((losses, skipped))
         step = int(state.step[0])
-        rate = float(self.schedule(step - 1))
+        rate = None if self.schedule is None else float(self.schedule(step - 1))
         lr_scale = [float(v) for v in np.asarray(state.lr_scale)]
         metrics = {
             "step": step,
             "loss": [float(v) for v in losses.mean(axis=1)],
             "last_loss": [float(v) for v in losses[:, -1]],
             "skipped": [int(v) for v in skipped.sum(axis=1)],
-            "lr": [rate * v for v in lr_scale],
+            "lr": None if rate is None else [rate * v for v in lr_scale],
             "lr_scale": lr_scale,
             "seconds": time.perf_counter() - t0,
         }
