@@ -20,6 +20,7 @@ from ._baselines import (
     spectral as spectral,
     tune_baselines as tune_baselines,
 )
+from ._checkpoint import restore_checkpoint as restore_checkpoint
 from ._cli import setup_jax as setup_jax
 from ._config import (
     PRESETS as PRESETS,

@@ -302,7 +302,7 @@ def remove_partial_checkpoints(run_dir: pathlib.Path, warn: Callable[[str], None
 
 
 def restore_checkpoint(
-    run_dir: pathlib.Path,
+    run_dir: str | os.PathLike,
     config: Config,
     *,
     at_most: int | None = None,
@@ -315,6 +315,7 @@ def restore_checkpoint(
     restored into the config's state structure; None if there is none. A damaged one is
     skipped with a warning (and moved to corrupt/ if `quarantine`). A checkpoint of another
     model shape raises RunDirError. `like`: as in `check_checkpoint_shapes`."""
+    run_dir = pathlib.Path(run_dir)
     steps = [
         s
         for s in checkpoint_steps(run_dir)
