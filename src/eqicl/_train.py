@@ -3,6 +3,7 @@ from `fold_in(data_key, step)`. The host loop with its checkpoints and guard: eq
 
 import contextlib
 import time
+import typing
 from collections.abc import Callable
 
 import equinox as eqx
@@ -279,7 +280,8 @@ class Trainer:
             state, (losses, skipped) = self._chunks[k](members, state)
         losses, skipped = jax.device_get((losses, skipped))
         step = int(state.step[0])
-        rate = float(self.schedule(step - 1))
+        # optax types a schedule's value as any array-like; it is a float or a scalar array.
+        rate = float(typing.cast(float | jax.Array, self.schedule(step - 1)))
         lr_scale = [float(v) for v in np.asarray(state.lr_scale)]
         metrics = {
             "step": step,
