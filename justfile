@@ -22,10 +22,11 @@ test *ARGS:
 test-slow *ARGS:
     python -m pytest -m slow {{ARGS}}
 
-# Lint and format check.
+# Lint, format check and type check (pyright: [tool.pyright] in pyproject.toml).
 lint:
     ruff check .
     ruff format --check .
+    pyright
 
 # Reproduce Table 1: every stage of the recipe (cold, warm, polish) for the asked cells, each
 # skipping what it has recorded, then runs/paper/table1.csv as each cell's best candidate by

@@ -13,11 +13,13 @@ import json
 import math
 import pathlib
 import sys
+from typing import cast
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from eqicl import BASELINE_NAMES, BASELINE_ROWS, MODEL_ROWS, paper_table  # noqa: E402
 from eqicl.sweep import (  # noqa: E402
@@ -48,12 +50,13 @@ def _finite(value):
 
 def _cell(paper_dir: pathlib.Path, cell: Cell) -> dict | None:
     path = paper_dir / "cells" / f"{cell.name}.json"
-    return _finite(json.loads(path.read_text())) if path.exists() else None
+    # A cell's file is a JSON object, and _finite keeps the structure.
+    return cast(dict, _finite(json.loads(path.read_text()))) if path.exists() else None
 
 
 def _baseline(paper_dir: pathlib.Path, column: str) -> dict | None:
     path = paper_dir / "baselines" / f"{column_tag(column)}.json"
-    return _finite(json.loads(path.read_text())) if path.exists() else None
+    return cast(dict, _finite(json.loads(path.read_text()))) if path.exists() else None
 
 
 def _legend(ax):
@@ -65,7 +68,7 @@ def _empty(ax, text="not run yet"):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
 
 
-def figure1(paper_dir: pathlib.Path, rows) -> plt.Figure:
+def figure1(paper_dir: pathlib.Path, rows) -> Figure:
     """Adjusted loss against depth, one panel per noise setting, every method; paper dashed."""
     table = paper_table()
     fig, axes = plt.subplots(2, 5, figsize=(20, 7.5), sharex=True)
@@ -173,7 +176,7 @@ def _profile_panel(ax, paper_dir, column, models, layers_list, title):
     _clip_to(ax, reference)
 
 
-def figure2(paper_dir: pathlib.Path) -> plt.Figure:
+def figure2(paper_dir: pathlib.Path) -> Figure:
     """Per-variance profiles for the uniform settings: DIAG at every depth and the baselines."""
     columns = ["1", "3", "5", "7"]
     fig, axes = plt.subplots(len(columns), 3, figsize=(15, 3.6 * len(columns)))
@@ -196,7 +199,7 @@ def figure2(paper_dir: pathlib.Path) -> plt.Figure:
     return fig
 
 
-def figure3(paper_dir: pathlib.Path) -> plt.Figure:
+def figure3(paper_dir: pathlib.Path) -> Figure:
     """Per-variance profiles for the categorical settings: DIAG vs FULL."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for i, column in enumerate(["{1;3}", "{1;3;5}"]):
@@ -226,7 +229,7 @@ def _seed_band(data: dict) -> tuple[list[float], list[float]] | None:
     return [min(v) for v in per_layer], [max(v) for v in per_layer]
 
 
-def figure5(paper_dir: pathlib.Path) -> plt.Figure:
+def figure5(paper_dir: pathlib.Path) -> Figure:
     """Loss after k layers inside one trained model, σ ~ U(0, 5): per model, every depth's
     recorded model (the best of its seeds by validation loss) with the band its training
     seeds span; last panel, each depth's final loss with that band (the paper's shading)."""
@@ -300,7 +303,7 @@ def _base_value(paper_dir, name, column) -> float:
     return float(row["exact"]) if row is not None else float("nan")
 
 
-def figure6(paper_dir: pathlib.Path) -> plt.Figure:
+def figure6(paper_dir: pathlib.Path) -> Figure:
     """Unadjusted loss against σ: adjusted profile plus the oracle's own expected loss."""
     columns = ["1", "3", "5", "7"]
     fig, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4.2))
@@ -339,7 +342,7 @@ def figure6(paper_dir: pathlib.Path) -> plt.Figure:
     return fig
 
 
-def figure7(paper_dir: pathlib.Path) -> plt.Figure:
+def figure7(paper_dir: pathlib.Path) -> Figure:
     """Layer-by-layer per-variance profiles inside the deepest model, σ ~ U(0, 5)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, model in zip(axes, MODEL_ROWS, strict=True):
@@ -396,6 +399,7 @@ def draw_all(paper_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # the module docstring (None only under python -OO)
     parser = argparse.ArgumentParser(
         prog="python -m analysis.figures", description=__doc__.split("\n")[0]
     )

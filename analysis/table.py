@@ -334,6 +334,7 @@ def tails(paper_dir: pathlib.Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # the module docstring (None only under python -OO)
     parser = argparse.ArgumentParser(
         prog="python -m analysis.table", description=__doc__.split("\n")[0]
     )

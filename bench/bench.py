@@ -212,6 +212,7 @@ def eval_throughput(sequences: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
+    assert __doc__ is not None  # the module docstring (None only under python -OO)
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench", description=__doc__.split("\n")[0]
     )

@@ -439,6 +439,7 @@ class Config:
             if not isinstance(sub, dict):
                 raise ConfigError(f"config section {f.name} must be a JSON object, got {sub!r}")
             sub_cls = f.type
+            assert isinstance(sub_cls, type)  # a section's dataclass (annotations not postponed)
             known = {g.name for g in dataclasses.fields(sub_cls)}
             unknown = set(sub) - known
             if unknown:
@@ -519,7 +520,9 @@ def _parse_override(assignment: str) -> tuple[str, str | None, str]:
         raise ConfigError(
             f"unknown config section {section!r} (one of {', '.join(sorted(sections))})"
         )
-    fields = {f.name for f in dataclasses.fields(sections[section])}
+    sub_cls = sections[section]
+    assert isinstance(sub_cls, type)  # a section's dataclass (annotations not postponed)
+    fields = {f.name for f in dataclasses.fields(sub_cls)}
     if name not in fields:
         raise ConfigError(
             f"unknown config key {key!r} (fields of {section}: {', '.join(sorted(fields))})"

@@ -3,6 +3,7 @@ the same sequences, loss after k layers, unadjusted loss, per-variance profiles.
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 
 import equinox as eqx
@@ -116,8 +117,8 @@ def _chunk_losses(
     """Every per-sequence loss of one chunk of test sequences, in one compiled program
     (`sp`: the chunk's eigen-decomposition, if already computed)."""
     if sp is None:
-        sp = spectral(batch)
-    out = {"oracle_trace": posterior_trace(sp)}
+        sp = typing.cast(Spectral, spectral(batch))  # jax.jit's wrapper is typed to return Any
+    out: dict = {"oracle_trace": posterior_trace(sp)}
     if model is not None:
         out["model"] = _layer_losses(model, batch, sp)
     if tuned is not None:
@@ -430,7 +431,7 @@ def estimate(
     sequences: int,
     proposal: Proposal = DEFAULT,
     chunk: int = 50_000,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[dict]:
     """The model's expected exact adjusted loss after every layer, estimated on `sequences`
     sequences drawn from `proposal` (`eqicl.PLAIN`: plain sampling) and importance-weighted,
@@ -448,7 +449,7 @@ def estimate_all(
     sequences: int,
     proposal: Proposal = DEFAULT,
     chunk: int = 50_000,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, list[dict]]:
     """`estimate` for several models on the same sequences, each chunk drawn once."""
     if sequences < 2:

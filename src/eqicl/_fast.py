@@ -298,7 +298,9 @@ def sample_weighted_stats(
     each sequence's log weight log f/q (`eqicl.Proposal`): the weighted mean of any
     per-sequence quantity is unbiased for its expectation under the task. With
     `eqicl.PLAIN` these are the sequences of `sample_stats` and every weight is 1."""
-    return _draw_stats(key, task, batch, dtype, sampler, proposal)
+    st, log_w = _draw_stats(key, task, batch, dtype, sampler, proposal)
+    assert log_w is not None  # given a proposal, _draw_stats always weighs
+    return st, log_w
 
 
 def sample_weighted_batch(
@@ -325,7 +327,7 @@ def _draw_stats(key, task, batch, dtype, sampler, proposal):
             b, log_w = sample_weighted_batch(key, task, batch, proposal, dtype)
         st = stats_from_batch(b)
         return Stats(s=_shard_batch(st.s), xq=_shard_batch(st.xq), yq=st.yq, sigma=st.sigma), log_w
-    scales = (None, None, None) if proposal is None else proposal.scales(batch, dtype)
+    scales = None if proposal is None else proposal.scales(batch, dtype)
     d, n = task.d, task.n
     kz, ks = jr.split(key)
     z, normals = _kernel.sample_wishart(kz, n, d + 1, batch, 2 * d, dtype)
@@ -334,7 +336,7 @@ def _draw_stats(key, task, batch, dtype, sampler, proposal):
     # S⁰ = G Z Gᵀ, G = [[I, 0], [wᵀ, σ]]: Σ = Z_xx, α = Z_xx w + σ z_xy,
     # λ = wᵀ Z_xx w + 2σ wᵀ z_xy + σ² z_yy (sums unrolled: batch-last multiply-adds).
     zxx, zxy, zyy = z[:d, :d], z[:d, d], z[d, d]
-    if proposal is not None:
+    if scales is not None:  # a proposal
         # x_i = c z_i scales Z_xx by c² and z_xy by c; w = b z_w; ξ = a z_y scales z_xy by a
         # and z_yy by a².
         c, b, a = scales
@@ -364,31 +366,31 @@ def spd_solve(m: Float[Array, "d d batch"], b: Float[Array, "d batch"]) -> Float
     factorisation and two triangular solves, vectorised over the batch (a batched LAPACK
     call runs one tiny matrix at a time)."""
     d = m.shape[0]
-    lo = [[None] * d for _ in range(d)]
+    lo: dict[tuple[int, int], Array] = {}  # the Cholesky factor's lower triangle
     for j in range(d):
         acc = m[j, j]
         for k in range(j):
-            acc = acc - lo[j][k] ** 2
-        lo[j][j] = jnp.sqrt(acc)
-        inv = 1.0 / lo[j][j]
+            acc = acc - lo[j, k] ** 2
+        lo[j, j] = jnp.sqrt(acc)
+        inv = 1.0 / lo[j, j]
         for i in range(j + 1, d):
             acc = m[i, j]
             for k in range(j):
-                acc = acc - lo[i][k] * lo[j][k]
-            lo[i][j] = acc * inv
-    z = [None] * d
+                acc = acc - lo[i, k] * lo[j, k]
+            lo[i, j] = acc * inv
+    z: dict[int, Array] = {}
     for i in range(d):
         acc = b[i]
         for k in range(i):
-            acc = acc - lo[i][k] * z[k]
-        z[i] = acc / lo[i][i]
-    x = [None] * d
+            acc = acc - lo[i, k] * z[k]
+        z[i] = acc / lo[i, i]
+    x: dict[int, Array] = {}
     for i in reversed(range(d)):
         acc = z[i]
         for k in range(i + 1, d):
-            acc = acc - lo[k][i] * x[k]
-        x[i] = acc / lo[i][i]
-    return jnp.stack(x)
+            acc = acc - lo[k, i] * x[k]
+        x[i] = acc / lo[i, i]
+    return jnp.stack([x[i] for i in range(d)])
 
 
 def posterior_mean(st: Stats) -> Float[Array, "d batch"]:

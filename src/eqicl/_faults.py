@@ -24,12 +24,15 @@ import dataclasses
 import os
 import re
 import signal
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ._config import ConfigError
+
+_Tree = TypeVar("_Tree")  # a pytree (the gradient) that comes back with its structure
 
 ENV = "EQICL_FAULT"
 _SIGNAL_FAULT = re.compile(r"(kill|int|term|kill-in-save|fill-before-save)@(\d+)")
@@ -103,11 +106,11 @@ def _fill(where: str) -> None:
 
 def corrupt_gradient(
     loss: Float[Array, ""],
-    grads,
+    grads: _Tree,
     step: Int[Array, ""],
     member: Int[Array, ""],
     rollbacks: Int[Array, ""],
-) -> tuple[Float[Array, ""], object]:
+) -> tuple[Float[Array, ""], _Tree]:
     """Apply the `nan` / `big` faults to one step's loss and gradient (a no-op without them).
     Read at trace time, so an unset variable leaves the compiled step unchanged."""
     for f in faults():

@@ -50,7 +50,7 @@ def atomic_write(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -26,6 +26,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import jaxlib.version
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -82,7 +83,7 @@ def _compile(compiler: str) -> pathlib.Path:
         SOURCE.read_bytes(),
         " ".join(FLAGS).encode(),
         version.encode(),
-        jax.lib.__version__.encode(),
+        jaxlib.version.__version__.encode(),  # what jax.lib.__version__ reads
         _cpu_signature().encode(),
     ):
         digest.update(part)

@@ -65,7 +65,7 @@ def check_resources(config: Config, available: int | None = None) -> None:
     `USABLE` of the machine's memory (`machine_memory()` unless `available` is given)."""
     available = machine_memory() if available is None else available
     need = memory_estimate(config)
-    phase = max(need, key=need.get)
+    phase = max(need, key=need.__getitem__)
     if need[phase] > USABLE * available:
         raise ConfigError(
             f"this config needs about {_size(need[phase])} of memory for its {phase}, "

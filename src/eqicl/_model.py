@@ -194,6 +194,7 @@ class AbstractDiagAttention(AbstractLinearAttention):
     """P_k = diag(p_x I, p_y), Q_k = diag(q_x I, q_y). The layer is then (SPEC §2)
     x_i ← x_i + w_xx Σ x_i + w_xy y_i α,  y_i ← y_i + w_yx <α, x_i> + w_yy λ y_i."""
 
+    p: eqx.AbstractVar[Float[Array, "heads 2"]]
     dim: eqx.AbstractVar[int]
 
     @property
@@ -293,6 +294,7 @@ class DiagAttention(AbstractDiagAttention, strict=True):
             return super().embed(source, key, noise, dtype)
         if source.kind != GDPPAttention.kind:
             raise TypeError(f"a {cls.label} layer cannot embed a {source.label} one")
+        assert isinstance(source, GDPPAttention)  # the only class of its kind (strict: final)
         p, q_x = source.p.astype(dtype), source.q_x.astype(dtype)
         q_y = noise * jr.normal(key, q_x.shape, dtype)
         return {"p": p, "q": jnp.stack([q_x, q_y], axis=-1)}
@@ -504,7 +506,8 @@ def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays, **{f"meta.{k}": np.asarray(v) for k, v in info.items()})
+        # numpy's stub reads the ** as possibly `allow_pickle`; the keys are array names.
+        np.savez(f, **arrays, **{f"meta.{k}": np.asarray(v) for k, v in info.items()})  # pyright: ignore[reportArgumentType]
     os.replace(tmp, path)
 
 

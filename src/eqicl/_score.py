@@ -43,7 +43,7 @@ def score_models(
     seed: int,
     sequences: int,
     chunk: int = 50_000,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, dict[str, dict]]:
     """The models of one noise setting (a Table 1 column) on the test draw of `seed`:
     `{name: {"plain": summary, "tail": summary}}`, each an `eqicl.summarize` dict of the

@@ -474,7 +474,7 @@ def _tail_columns(model: dict) -> dict[str, str]:
     """The tail columns of a cell's row from its eval.json "model" ("" where an older
     evaluation did not compute them)."""
     plain, tail = model.get("exact_tail"), model.get("tail")
-    out = dict.fromkeys(TAIL_FIELDS, "")
+    out: dict[str, str] = dict.fromkeys(TAIL_FIELDS, "")
     if plain:
         out.update(exact_max=_fmt(plain["max"]), exact_top=_fmt(plain["top_share"]))
     if tail:
@@ -1022,7 +1022,9 @@ def _polish_stage(
             best = min(range(len(keys)), key=lambda k: keys[k])  # sound first
             train_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result = evaluate(candidates[best], config, baselines=False, test_cache=test_cache)
+            result: dict[str, Any] = evaluate(
+                candidates[best], config, baselines=False, test_cache=test_cache
+            )
             selection = {
                 "losses": [float(v) for v in losses],
                 "sound": [not bad for bad, _ in keys],

@@ -49,20 +49,20 @@ class Proposal:
 
     def __post_init__(self):
         k = len(self.shares)
-        if self.e_scales is None:
-            object.__setattr__(self, "e_scales", (1.0,) * k)
-        if not (len(self.x_scales) == len(self.w_scales) == len(self.e_scales) == k) or k == 0:
+        e_scales = (1.0,) * k if self.e_scales is None else self.e_scales
+        object.__setattr__(self, "e_scales", e_scales)
+        if not (len(self.x_scales) == len(self.w_scales) == len(e_scales) == k) or k == 0:
             raise ConfigError(
                 "a proposal needs as many x_scales, w_scales, e_scales and shares "
-                f"({len(self.x_scales)}, {len(self.w_scales)}, {len(self.e_scales)}, {k})"
+                f"({len(self.x_scales)}, {len(self.w_scales)}, {len(e_scales)}, {k})"
             )
-        if self.x_scales[0] != 1.0 or self.w_scales[0] != 1.0 or self.e_scales[0] != 1.0:
+        if self.x_scales[0] != 1.0 or self.w_scales[0] != 1.0 or e_scales[0] != 1.0:
             raise ConfigError(
                 "a proposal's first component must be the task's law (x_scales[0] = "
                 f"w_scales[0] = e_scales[0] = 1), got {self.x_scales[0]}, {self.w_scales[0]}, "
-                f"{self.e_scales[0]}"
+                f"{e_scales[0]}"
             )
-        scales = (*self.x_scales, *self.w_scales, *self.e_scales)
+        scales = (*self.x_scales, *self.w_scales, *e_scales)
         if any(not (1.0 <= c < math.inf) for c in scales):
             raise ConfigError(
                 f"proposal scales must be finite and >= 1, got {self.x_scales}, {self.w_scales}"
@@ -95,6 +95,7 @@ class Proposal:
     @property
     def scales_noise(self) -> bool:
         """True if some component scales the label noise."""
+        assert self.e_scales is not None  # __post_init__ fills it in
         return any(a != 1.0 for a in self.e_scales)
 
     def scales(

@@ -2,7 +2,9 @@
 from `fold_in(data_key, step)`. The host loop with its checkpoints and guard: eqicl._run."""
 
 import contextlib
+import functools
 import time
+import typing
 from collections.abc import Callable
 
 import equinox as eqx
@@ -35,7 +37,7 @@ class TrainState(eqx.Module):
     `recent` holds the mean loss of the last `LOSS_WINDOW` jitted calls (NaN: none yet).
     """
 
-    model: LinearTransformer
+    model: eqx.Module  # a LinearTransformer, unless a Trainer's `init` makes another model
     opt_state: optax.OptState
     step: Int[Array, ""]
     lr_scale: Float[Array, ""]
@@ -180,6 +182,10 @@ def _all_finite(tree) -> Bool[Array, ""]:
     return jnp.all(jnp.stack(leaves))
 
 
+def _config_loss(model, data, log_weight, train: TrainConfig):
+    return loss_fn(model, data, train, log_weight)
+
+
 def train_step(
     state: TrainState,
     member: Int[Array, ""],
@@ -198,10 +204,7 @@ def train_step(
     key = jr.fold_in(data_key, state.step)
     batch, log_weight = sample_train_data(key, config) if sampler is None else sampler(key)
     if objective is None:
-
-        def objective(model, data, log_w):
-            return loss_fn(model, data, config.train, log_w)
-
+        objective = functools.partial(_config_loss, train=config.train)
     loss, grads = eqx.filter_value_and_grad(objective)(state.model, batch, log_weight)
     loss, grads = _faults.corrupt_gradient(loss, grads, state.step, member, state.rollbacks)
     params = eqx.filter(state.model, eqx.is_inexact_array)
@@ -331,7 +334,12 @@ class Trainer:
             state, (losses, skipped) = self._chunks[k](members, state)
         losses, skipped = jax.device_get((losses, skipped))
         step = int(state.step[0])
-        rate = None if self.schedule is None else float(self.schedule(step - 1))
+        # optax types a schedule's value as any array-like; it is a float or a scalar array.
+        rate = (
+            None
+            if self.schedule is None
+            else float(typing.cast(float | jax.Array, self.schedule(step - 1)))
+        )
         lr_scale = [float(v) for v in np.asarray(state.lr_scale)]
         metrics = {
             "step": step,
