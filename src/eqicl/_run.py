@@ -473,15 +473,16 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_outside_training() -> Iterator[None]:
+def stop_outside_training() -> Iterator[list[int]]:
     """SIGINT and SIGTERM raise `Stopped` for the duration (SIGTERM's default would kill the
     process without a word, in the middle of an evaluation). A raise that lands in a
     callback Python ignores it in (jax's garbage-collection hooks) is raised again at the
-    end, so the signal is never lost."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    end, so the signal is never lost; the list yielded holds the signals received, for code
+    that must not write after one (`finish` checks it before writing eval.json)."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
 
     def handler(signum, frame):
         received.append(signum)
@@ -489,7 +490,7 @@ def stop_outside_training() -> Iterator[None]:
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -668,6 +669,14 @@ def sanity(config: Config, result: dict) -> str | None:
     return None
 
 
+def _write_eval(path: pathlib.Path, result: dict, stopped: list[int] | None) -> None:
+    """eval.json, unless a signal came (`stop_outside_training`): then `Stopped`, so that a
+    stop whose raise was swallowed mid-evaluation still writes nothing."""
+    if stopped:
+        raise Stopped(stopped[0])
+    write_json_atomic(path, result)
+
+
 def finish(
     config: Config,
     path: pathlib.Path,
@@ -675,6 +684,7 @@ def finish(
     echo: Callable[[str], None] = print,
     baselines: bool = True,
     test_cache: SequenceCache | None = None,
+    stopped: list[int] | None = None,
 ) -> dict:
     """Select the best seed on held-out sequences, evaluate it (with the baselines unless
     `baselines=False`; on `test_cache` if given, see `run`), write eval.json with the step of the model (the checkpoint analysis
@@ -705,7 +715,7 @@ def finish(
     if not usable.any():
         reason = "every seed's model gives non-finite predictions or was given up"
         result = _failed(reason, **extra)
-        write_json_atomic(eval_path, result)
+        _write_eval(eval_path, result, stopped)
         return result
     best = selection["best"]
     echo(f"evaluating seed {best} of {len(losses)} on {config.eval.sequences:,} sequences")
@@ -723,7 +733,7 @@ def finish(
         reason = sanity(config, result)
         if reason is not None:
             result.update(status="suspect", reason=reason)
-    write_json_atomic(eval_path, result)
+    _write_eval(eval_path, result, stopped)
     return result
 
 
@@ -771,7 +781,7 @@ def run(
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create {path}: {e.strerror}") from None
-    with stop_outside_training(), run_lock(path, echo):
+    with stop_outside_training() as stopped, run_lock(path, echo):
         remove_leftovers(path, warn)
         prepare_run_dir(path, config, like)  # again under the lock: another trainer may have won
         remove_partial_checkpoints(path, warn)
@@ -813,7 +823,7 @@ def run(
                 return result
         if not evaluate:
             return {"status": "trained", "steps": int(state.step[0])}
-        return finish(config, path, state, echo, baselines, test_cache)
+        return finish(config, path, state, echo, baselines, test_cache, stopped)
 
 
 def summary_table(config: Config, result: dict) -> str:
