@@ -479,11 +479,11 @@ class WeightsError(ConfigError):
 
 def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
     """Write a (single, not ensemble) model's parameters and their units to `path` (.npz,
-    no pickles), atomically. `meta` (numbers or strings) is stored beside them."""
-    import os
-    import pathlib
-
+    no pickles), atomically (`eqicl._files.atomic_write`). `meta` (numbers or strings) is
+    stored beside them."""
     import numpy as np
+
+    from ._files import atomic_write
 
     layers = model.layers
     missing = [a for a in ("kind", "fields") if not hasattr(type(layers), a)]
@@ -502,13 +502,9 @@ def save_weights(model: LinearTransformer, path, **meta: float | str) -> None:
         "scale_s": layers.scale_s,
         **meta,
     }
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, binary=True) as f:
         # numpy's stub reads the ** as possibly `allow_pickle`; the keys are array names.
         np.savez(f, **arrays, **{f"meta.{k}": np.asarray(v) for k, v in info.items()})  # pyright: ignore[reportArgumentType]
-    os.replace(tmp, path)
 
 
 def load_weights(

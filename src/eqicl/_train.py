@@ -298,13 +298,17 @@ class Trainer:
         self.custom = any(p is not None for p in (init, optimizer, schedule, objective, sampler))
         self.mesh = data_mesh(config.train)
         self._chunks: dict[int, Callable] = {}
+        self._abstract: TrainState | None = None
 
     def init(self) -> TrainState:
         return init_ensemble(self.config, self.optimizer, self.init_model)
 
     def abstract(self) -> TrainState:
-        """The shapes and dtypes of `init()`, without computing it."""
-        return eqx.filter_eval_shape(self.init)
+        """The shapes and dtypes of `init()`, without computing it (traced once, then kept:
+        the run checks and restores checkpoints and every rollback against it)."""
+        if self._abstract is None:
+            self._abstract = typing.cast(TrainState, eqx.filter_eval_shape(self.init))
+        return self._abstract
 
     def _place(self, tree):
         """Replicated over the mesh, wherever the arrays are now (a state restored from a
