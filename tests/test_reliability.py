@@ -58,7 +58,7 @@ def jax_cache(tmp_path_factory) -> pathlib.Path:
 def _train(jax_cache, run_dir, *overrides: str, fault: str = "") -> subprocess.CompletedProcess:
     """`python -m eqicl.train` on this checkout (not an installed eqicl) in a subprocess."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    env["PYTHONPATH"] = str(ROOT / "src")
     env["EQICL_COMPILATION_CACHE"] = str(jax_cache)  # not the user's cache
     env["EQICL_FAULT"] = fault
     return subprocess.run(

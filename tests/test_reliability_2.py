@@ -354,7 +354,7 @@ def test_damaged_manifest_is_one_warning_line(jax_cache, tmp_path):  # noqa: F81
         "s = _checkpoint.restore_checkpoint(p, eqicl.read_run_config(p))\n"
         "print(int(s.step[0]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     p = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
@@ -434,7 +434,7 @@ def test_read_only_run_directory_is_one_line(jax_cache, tmp_path, capsys):  # no
 
 
 def _popen(jax_cache, run_dir, *overrides):  # noqa: F811
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env["EQICL_COMPILATION_CACHE"] = str(jax_cache)
     env["EQICL_FAULT"] = ""
     return subprocess.Popen(
