@@ -259,7 +259,10 @@ def test_refused_before_anything_is_written(overrides, message, tmp_path, capsys
 def test_memory_estimate_passes_the_presets():
     for name in eqicl.PRESETS:
         _limits.check_resources(eqicl.preset(name), available=4 * 2**30)
-    with pytest.raises(eqicl.ConfigError, match=r"^this config needs about 77.1 MiB .* 1 MiB;"):
+    with pytest.raises(
+        eqicl.ConfigError,
+        match=r"^this config needs about 131 MiB of memory for its seed selection, .* 1 MiB;",
+    ):
         _limits.check_resources(eqicl.preset("paper"), available=2**20)
 
 

@@ -619,7 +619,7 @@ def _recorded_candidate(paper, stage, cell, source, extra):
     config = cell_config(cell, None, 1, extra)
     _write_json(
         d / "cells" / f"{cell.name}.json",
-        {"config": config.to_dict(), "selection": {"losses": [0.1], "best": 0}},
+        {"config": config.to_dict(), "selection": {"losses": [0.1], "rank": [0], "best": 0}},
     )
     rows = read_table(d / "table1.csv")
     row = dict.fromkeys(eqicl._sweep.TABLE_FIELDS, "1")
@@ -628,14 +628,14 @@ def _recorded_candidate(paper, stage, cell, source, extra):
 
 
 def test_the_tail_stage_trains_only_cells_unsound_on_validation(tmp_path):
-    """A stage with `unsound_only` trains a cell only if its best earlier candidate explodes
-    on some validation sequence (the committed DIAG 3 layers at sigma_max = 6 does: a loss
-    above 1e6 on the 10,000 tail-aware validation sequences); a sound one (GD++ of the same
-    cell) is recorded as skipped with why, and the table keeps the earlier candidate. The
-    trained cell uses the stage's settings (importance-weighted batches, float64)."""
+    """A stage with `unsound_only` trains a cell only if its best earlier candidate is
+    unsound on the plain validation draw (the committed DIAG 3 layers at sigma_max = 6 is: on
+    400,000 sequences a few blown-up ones make its mean imprecise); a sound one (GD++ of the
+    same cell) is recorded as skipped with why, and the table keeps the earlier candidate.
+    The trained cell uses the stage's settings (importance-weighted batches, float64)."""
     from eqicl._run import read_run_config
 
-    paper, extra = tmp_path / "paper", [*SMALL, "train.select_sequences=10000"]
+    paper, extra = tmp_path / "paper", [*SMALL, "train.select_sequences=400000"]
     tail = Train("tail", settings=eqicl._sweep.TAIL_SETTINGS, unsound_only=True)
     recipe = Recipe((Train("cold", max_layers="3"), tail))
     cells = [Cell("gdpp", 3, "6"), Cell("diag", 3, "6")]
@@ -655,7 +655,9 @@ def test_the_tail_stage_trains_only_cells_unsound_on_validation(tmp_path):
     )
     rows = read_table(stage_dir(paper, tail) / "table1.csv")
     assert rows[cells[0]]["status"] == "skipped" and rows[cells[1]]["status"] == "ok"
-    assert any("tail/gdpp-L3-u6: not needed (cold's candidate is sound" in ln for ln in lines)
+    assert any(
+        "tail/gdpp-L3-u6: not needed (cold's candidate is sound on the" in ln for ln in lines
+    )
     data = json.loads((stage_dir(paper, tail) / "cells" / "gdpp-L3-u6.json").read_text())
     assert data["skipped"]["stage"] == "cold" and data["skipped"]["validation"]["max"] < 1000
     assert not weights_path(stage_dir(paper, tail), cells[0]).exists()
@@ -680,49 +682,124 @@ def test_the_tail_stage_trains_only_cells_unsound_on_validation(tmp_path):
     assert "tail: 2 cells, 2 recorded, 0 to run" in lines
 
 
-def test_unsound_validation_estimates():
-    from eqicl._evaluate import unsound
+def test_validation_verdicts():
+    """The rule every choice ranks by (`eqicl._evaluate.verdict`): unsound if the plain draw
+    is not finite, carried or imprecise (se scaled to the table's 1,000,000 sequences); tail
+    if the proposal's estimate exceeds the plain one by more than 10 % plus two standard
+    errors of the difference; sound otherwise. A large single loss alone is not unsound."""
+    from eqicl._evaluate import SOUND, TAIL, UNSOUND, verdict
 
-    est = {"finite": True, "mean": 0.1, "top_share": 0.02, "max": 3.0}
-    assert unsound(est) is None
-    assert "carries 60%" in unsound({**est, "top_share": 0.6})
-    assert unsound({**est, "top_share": 0.6, "max": 0.4}) is None  # tiny losses: not carried
-    assert "loss 2e+03" in unsound({**est, "max": 2000.0})
-    assert unsound({**est, "finite": False}) == "not finite on validation"
+    plain = {"finite": True, "mean": 0.1, "se": 0.001, "top_share": 0.02, "max": 3.0}
+    plain["sequences"] = 400_000
+    est = {**plain, "tail": {**plain, "mean": 0.105}}
+    assert verdict(est) == (SOUND, None)
+    assert verdict({**est, "max": 2e7})[0] == SOUND  # the largest loss alone says nothing
+    rank, why = verdict({**est, "top_share": 0.6})
+    assert rank == UNSOUND and "carries 60%" in why
+    assert verdict({**est, "top_share": 0.6, "max": 0.4})[0] == SOUND  # tiny losses
+    assert verdict({**est, "finite": False}) == (UNSOUND, "not finite on validation")
+    # se 0.0079 on 400,000 sequences is 0.0050 on 1,000,000: 5 % of 0.1 is the edge.
+    assert verdict({**est, "se": 0.0078})[0] == SOUND
+    rank, why = verdict({**est, "se": 0.0080})
+    assert rank == UNSOUND and "imprecise" in why
+    small = {**plain, "mean": 1e-4, "se": 3e-4}  # 1.9e-4 on 1M: below 0.0002
+    assert verdict({**small, "tail": small})[0] == SOUND
+    assert verdict({**small, "se": 3.2e-4, "tail": small})[0] == UNSOUND
+    # The tail: allowed 0.1 * 0.1 + 2 * hypot(0.001, 0.001) = 0.012828... above the plain mean.
+    assert verdict({**est, "tail": {**plain, "mean": 0.1128}})[0] == SOUND
+    rank, why = verdict({**est, "tail": {**plain, "mean": 0.1129}})
+    assert rank == TAIL and "rare sequences carry" in why
+    assert verdict({**est, "tail": {**plain, "mean": math.inf, "finite": False}})[0] == TAIL
+    assert verdict({**est, "tail": {**plain, "mean": 0.05}})[0] == SOUND  # lower: no tail
+    assert verdict(plain) == (SOUND, None)  # a plain proposal: no tail estimate
+
+
+def test_select_estimates_rank_on_a_plain_draw_and_the_proposals(monkeypatch):
+    """The validation estimate's mean is a plain draw's, from its own key (not the
+    proposal's or the test's); the proposal's importance-weighted estimate is beside it."""
+    import eqicl._evaluate as ev
+
+    config = cell_config(Cell("gdpp", 1, "0"), None, 1, ["train.select_sequences=300"])
+    model = eqicl.init_transformer(jr.key(0), config.model, config.task)
+    stacked = eqicl._sweep._stack([model, model])
+    calls = []
+    real = ev.estimate_all
+
+    def spy(models, task, key, sequences, proposal, chunk):
+        calls.append((jr.key_data(key).tolist(), sequences, proposal.plain))
+        return real(models, task, key, sequences, proposal, chunk)
+
+    monkeypatch.setattr(ev, "estimate_all", spy)
+    est = ev.select_estimates(ev.cast(stacked, ev.eval_dtype()), config)
+    keys = ev.eval_keys(config)
+    assert calls == [
+        (jr.key_data(keys["validation"]).tolist(), 300, True),
+        (jr.key_data(keys["select"]).tolist(), 300, False),
+    ]
+    assert len(est) == 2 and est[0]["mean"] == est[1]["mean"]  # the same sequences
+    assert est[0]["sequences"] == est[0]["tail"]["sequences"] == 300
+    assert est[0]["ess"] == 300 and est[0]["tail"]["ess"] < 300  # plain, then weighted
+    distinct = {tuple(jr.key_data(k).tolist()) for k in keys.values()}
+    assert len(distinct) == len(keys)
 
 
 def test_a_sound_candidate_wins_over_an_unsound_one_with_a_lower_loss(tmp_path):
-    """The rerun's bug: a cell's tail stage trained a sound candidate because the earlier
-    ones explode on validation, and then polish and the merge took an exploding one again
-    for its lower validation mean. Every choice ranks sound candidates first."""
-    from eqicl._evaluate import selection_keys
+    """The first rerun's bug: a cell's tail stage trained a sound candidate because the
+    earlier ones explode on validation, and then polish and the merge took an exploding one
+    again for its lower validation mean. Every choice ranks unsound candidates (carried or
+    imprecise on the plain draw) last, then by the plain validation mean, that of one only
+    the proposal's draw finds carried raised by 10 %."""
+    from eqicl._evaluate import SOUND, TAIL, UNSOUND, selection_keys, selection_record
     from eqicl._sweep import _best_source, validation_key
 
-    est = {"finite": True, "mean": 0.1, "top_share": 0.02, "max": 3.0}
-    keys = selection_keys([{**est, "max": 2e7}, {**est, "mean": 0.2}, {**est, "mean": math.nan}])
-    assert keys == [(True, 0.1), (False, 0.2), (True, math.inf)]
-    assert min(range(3), key=lambda k: keys[k]) == 1
+    plain = {"finite": True, "mean": 0.1, "se": 0.001, "top_share": 0.02, "max": 3.0}
+    plain["sequences"] = 400_000
+    est = {**plain, "tail": plain}
+    candidates = [
+        {**est, "top_share": 0.9},
+        {**est, "mean": 0.2, "tail": {**plain, "mean": 0.2}},
+        {**est, "mean": math.nan},
+        {**est, "mean": 0.15, "tail": {**plain, "mean": 9.0}},
+    ]
+    keys = selection_keys(candidates)
+    assert keys == [(True, 0.1), (False, 0.2), (True, math.inf), (False, 0.15 * 1.1)]
+    assert sorted(range(4), key=lambda k: keys[k]) == [3, 1, 0, 2]
+    # Carried only on the proposal's draw, it wins over a sound one only by more than 10 %.
+    close = {**est, "mean": 0.19, "tail": {**plain, "mean": 9.0}}
+    assert selection_keys([candidates[1], close]) == [(False, 0.2), (False, 0.19 * 1.1)]
+    assert min(range(2), key=lambda k: selection_keys([candidates[1], close])[k]) == 0
+    rec = selection_record(candidates)
+    assert rec["rank"] == [UNSOUND, SOUND, UNSOUND, TAIL]
+    assert rec["sound"] == [False, True, False, False]
+    assert rec["why"][1] is None and "rare sequences" in rec["why"][3]
+    assert rec["validation"][3]["tail"]["mean"] == 9.0
+    json.dumps(rec, allow_nan=True)  # a record's selection is JSON
 
     cell = Cell("diag", 3, "6")
 
-    def record(name, loss, sound):
+    def record(name, loss, sound=None, rank=None):
         d = tmp_path / name / "cells"
         d.mkdir(parents=True)
         selection = {"losses": [loss], "best": 0}
         if sound is not None:
             selection["sound"] = [sound]
+        if rank is not None:
+            selection["rank"] = [rank]
         (d / f"{cell.name}.json").write_text(json.dumps({"selection": selection}))
         return tmp_path / name
 
     cold, tail, old = (
         record("cold", 0.114, False),
         record("tail", 0.152, True),
-        record("old", 0.13, None),
+        record("old", 0.13),
     )
-    assert validation_key(cold, cell) == (True, 0.114)
+    warm = record("warm", 0.12, False, TAIL)
+    assert validation_key(cold, cell) == (True, 0.114)  # `sound` only: sound or unsound
     assert validation_key(old, cell) == (False, 0.13)  # recorded before soundness: sound
+    assert validation_key(warm, cell) == (False, 0.12 * 1.1)  # 0.132: behind old's 0.13
     assert _best_source([cold, tail], cell) == tail
-    assert _best_source([cold, tail, old], cell) == old
+    assert _best_source([cold, warm], cell) == warm
+    assert _best_source([cold, tail, old, warm], cell) == old
     assert _best_source([cold], cell) == cold  # unsound, but the only one
 
 

@@ -240,15 +240,17 @@ class TrainConfig:
     seeds: int = 1
     steps_per_call: int = 100
     checkpoint_every: int = 1000
-    select_sequences: int = 10_000
+    # The held-out validation draws every choice between candidates ranks on
+    # (eqicl._evaluate.verdict): this many plain sequences, and as many from the proposal below.
+    select_sequences: int = 400_000
     # The training sequences' law: an importance-sampling proposal (eqicl.Proposal; the
     # default (1,), (1,), (1,) is the task's own law) whose weights keep the objective unbiased.
     proposal_x: tuple[float, ...] = (1.0,)
     proposal_w: tuple[float, ...] = (1.0,)
     proposal_shares: tuple[float, ...] = (1.0,)
-    # The best-of-seeds selection's proposal (eqicl.SELECT): `select_sequences` held-out
-    # sequences, importance-weighted, so that no candidate wins by being good on typical
-    # sequences only.
+    # The selection's proposal (eqicl.SELECT): `select_sequences` held-out sequences beside
+    # the plain ones, importance-weighted, so that a candidate whose expectation sequences
+    # just beyond a plain draw's reach carry is seen (rank TAIL).
     select_proposal_x: tuple[float, ...] = (1.0, 1.1, 1.2)
     select_proposal_w: tuple[float, ...] = (1.0, 1.0, 1.1)
     select_proposal_shares: tuple[float, ...] = (0.5, 0.25, 0.25)

@@ -46,7 +46,9 @@ def memory_estimate(config: Config) -> dict[str, int]:
     per_eval = tokens + d * d + (m.layers + 8) * d
     return {
         "training batch": tr.seeds * tr.batch * per_train * width,
-        "seed selection": tr.select_sequences * (per_eval + tr.seeds * m.layers * d) * _F64,
+        # a chunk at a time, keeping every member's per-sequence losses of both draws
+        "seed selection": min(ev.chunk, tr.select_sequences) * per_eval * _F64
+        + 2 * tr.select_sequences * (tr.seeds * m.layers + 1) * _F64,
         "baseline tuning": ev.tune_sequences * (per_eval + 64) * _F64,
         "test sequences": min(ev.chunk, ev.sequences) * per_eval * _F64
         # the per-sequence losses of every layer and baseline, kept for the standard errors

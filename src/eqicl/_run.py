@@ -49,6 +49,7 @@ from ._evaluate import (
     evaluate as evaluate_model,
     select_estimates,
     selection_keys,
+    selection_record,
 )
 from ._files import (
     RunDirError,
@@ -693,14 +694,14 @@ def finish(
     tc = config.train
     eval_path = path / "eval.json"
     # The selection samples in the evaluation dtype; the model must match it (strict promotion).
-    keys = selection_keys(select_estimates(cast(state.model, eval_dtype()), config))
+    estimates = select_estimates(cast(state.model, eval_dtype()), config)
+    keys = selection_keys(estimates)
     losses = np.asarray([loss for _, loss in keys], np.float64)
     gave_up = np.asarray(state.rollbacks) > tc.max_rollbacks
     usable = np.isfinite(losses) & ~gave_up
     selection = {
-        "losses": [float(v) for v in losses],
-        "sound": [not bad for bad, _ in keys],
-        # A usable seed first, then a sound one (eqicl._evaluate.unsound), then the lower loss.
+        **selection_record(estimates),
+        # A usable seed first, then by rank (eqicl._evaluate.verdict), then the lower loss.
         "best": min(range(len(keys)), key=lambda k: (not usable[k], keys[k])),
         "lr_scale": [float(v) for v in np.asarray(state.lr_scale)],
         "rollbacks": [int(v) for v in np.asarray(state.rollbacks)],

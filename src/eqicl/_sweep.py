@@ -26,7 +26,16 @@ from types import MappingProxyType
 from typing import Any
 
 from ._config import Config, ConfigError, TaskConfig, TrainConfig, override, preset
-from ._evaluate import SequenceCache, evaluate_baselines, selection_keys, unsound
+from ._evaluate import (
+    SOUND,
+    TAIL,
+    UNSOUND,
+    SequenceCache,
+    evaluate_baselines,
+    rank_key,
+    selection_keys,
+    verdict,
+)
 from ._files import write_csv_atomic, write_json_atomic
 from ._paper import BASELINE_ROWS, MODEL_ROWS, paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
@@ -791,21 +800,25 @@ def _train_stage(
 
 def _best_so_far(stage_dirs: Sequence[pathlib.Path], cell: Cell, config: Config) -> dict | None:
     """For a stage that trains only unsound cells: None if the cell's best candidate of the
-    stages `stage_dirs` (as the table takes it) is unsound on its validation sequences, or
-    has none, so the cell is to be trained; else what says it is sound (`why`, the stage,
-    the validation estimate)."""
-    from ._evaluate import eval_dtype, select_estimates
+    stages `stage_dirs` (as the table takes it) is unsound on its plain validation draw
+    (`eqicl._evaluate.verdict` is `UNSOUND`: not finite, carried or imprecise), or has none,
+    so the cell is to be trained; else what says it is not (`why`, the stage, the
+    validation estimate). A candidate only the proposal's draw finds carried (`TAIL`) is
+    not retrained: the table takes it only where no sound one comes within 10 %."""
+    from ._evaluate import UNSOUND, eval_dtype, select_estimates
 
     source = _best_source(stage_dirs, cell)
     if source is None:
         return None
     model = start_model(weights_path(source, cell), config, eval_dtype())
     est = select_estimates(_stack([model]), config)[0]
-    if unsound(est) is not None:
+    rank, reason = verdict(est)
+    if rank == UNSOUND:
         return None
     why = (
-        f"{source.name}'s candidate is sound on validation: {est['mean']:.4g}, top 0.1 % "
-        f"{est['top_share']:.0%}, largest loss {est['max']:.3g}"
+        f"{source.name}'s candidate is sound on the plain validation draw: {est['mean']:.4g} "
+        f"± {est['se']:.2g}, top 0.1 % {est['top_share']:.0%}, largest loss {est['max']:.3g}"
+        + (f"; {reason}" if reason else "")
     )
     return {"why": why, "stage": source.name, "validation": est}
 
@@ -822,22 +835,26 @@ def record_skipped(paper_dir: pathlib.Path, cell: Cell, config: Config, verdict:
         )
 
 
-def _recorded_selection(paper_dir: pathlib.Path, cell: Cell) -> tuple[float, bool]:
+def _recorded_selection(paper_dir: pathlib.Path, cell: Cell) -> tuple[float, int]:
     """A recorded cell's selected seed's validation loss (inf if not recorded, failed or not
-    finite) and whether it was sound on validation (`selection.sound`; records from before
-    soundness was recorded count as sound), from one read of its cell file."""
+    finite) and its rank on validation (`eqicl._evaluate.verdict`: `selection.rank`; records
+    with only `selection.sound` rank sound or unsound, records from before either as sound),
+    from one read of its cell file."""
     path = paper_dir / "cells" / f"{cell.name}.json"
     try:
         selection = json.loads(path.read_text())["selection"]
         best = selection["best"]
         loss = float(selection["losses"][best])
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        return math.inf, False
+        return math.inf, UNSOUND
     try:
-        sound = bool(selection["sound"][best])
-    except (KeyError, TypeError, IndexError):
-        sound = True
-    return (loss if math.isfinite(loss) else math.inf), sound
+        rank = int(selection["rank"][best])
+    except (KeyError, TypeError, IndexError, ValueError):
+        try:
+            rank = SOUND if selection["sound"][best] else UNSOUND
+        except (KeyError, TypeError, IndexError):
+            rank = SOUND
+    return (loss if math.isfinite(loss) else math.inf), rank
 
 
 def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
@@ -847,27 +864,37 @@ def validation_loss(paper_dir: pathlib.Path, cell: Cell) -> float:
 
 
 def validation_key(paper_dir: pathlib.Path, cell: Cell) -> tuple[bool, float]:
-    """How a recorded candidate ranks against the others (`eqicl._evaluate.selection_keys`):
-    (unsound on validation or not recorded, `validation_loss`)."""
-    loss, sound = _recorded_selection(paper_dir, cell)
-    return (not sound or not math.isfinite(loss), loss)
+    """How a recorded candidate ranks against the others (`eqicl._evaluate.rank_key` of its
+    rank on validation and `validation_loss`; not recorded: (True, inf))."""
+    loss, rank = _recorded_selection(paper_dir, cell)
+    return rank_key(rank, loss)
+
+
+def validation_rank(paper_dir: pathlib.Path, cell: Cell) -> int:
+    """A recorded candidate's rank on validation (`eqicl._evaluate.verdict`)."""
+    return _recorded_selection(paper_dir, cell)[1]
 
 
 def _validated_by(paper_dir: pathlib.Path, cell: Cell) -> str | None:
     """How a recorded candidate's validation loss was estimated, from the config in its cell
     file: "plain N" (eqicl before the tail-aware selection), "tail-aware N (proposal)" with
     the proposal it was drawn from (`train.select_proposal_*`, or before those existed
-    `eval.proposal_*`); None without a readable cell file."""
+    `eval.proposal_*`), "plain N and tail-aware N (proposal)" for records ranked on both
+    draws (`selection.rank`, `eqicl._evaluate.verdict`); None without a readable cell file
+    or for a cell the stage skipped (no candidate)."""
     try:
         data = json.loads((paper_dir / "cells" / f"{cell.name}.json").read_text())
         ev, tr = data["config"]["eval"], data["config"]["train"]
         n = tr["select_sequences"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return None
+    if "skipped" in data:
+        return None
+    both = isinstance(data.get("selection"), dict) and "rank" in data["selection"]
     for section, prefix in ((tr, "select_proposal"), (ev, "proposal")):
         if f"{prefix}_x" in section:
             x, w, shares = (section[f"{prefix}_{k}"] for k in ("x", "w", "shares"))
-            return f"tail-aware {n} ({x}, {w}, {shares})"
+            return f"{f'plain {n} and ' if both else ''}tail-aware {n} ({x}, {w}, {shares})"
     return f"plain {n}"
 
 
@@ -898,7 +925,7 @@ def merge_choices(
             p: validation_key(p, cell) if cell in tables[p] else (True, math.inf) for p in passes
         }
         losses = {p: keys[p][1] for p in passes}
-        best = min(passes, key=lambda p: keys[p])  # sound before unsound, then the lower loss
+        best = min(passes, key=lambda p: keys[p])  # by rank on validation, then the lower loss
         if not math.isfinite(losses[best]):
             best = next(p for p in passes if cell in tables[p])  # all failed: say so
         choices.append((cell, best, losses))
@@ -967,7 +994,7 @@ def _polish_stage(
     import jax.random as jr
     import numpy as np
 
-    from ._evaluate import cast, eval_dtype, evaluate, select_estimates
+    from ._evaluate import cast, eval_dtype, evaluate, select_estimates, selection_record
     from ._model import save_weights
     from ._polish import perturb, polish
     from ._task import prng_key
@@ -1017,17 +1044,17 @@ def _polish_stage(
                 if path.is_file():
                     candidates.append(start_model(path, config, eval_dtype()))
                     names.append(start_name(path))
-            keys = selection_keys(select_estimates(_stack(candidates), config))
+            estimates = select_estimates(_stack(candidates), config)
+            keys = selection_keys(estimates)
             losses = np.asarray([loss for _, loss in keys], np.float64)
-            best = min(range(len(keys)), key=lambda k: keys[k])  # sound first
+            best = min(range(len(keys)), key=lambda k: keys[k])  # by rank, then the loss
             train_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             result: dict[str, Any] = evaluate(
                 candidates[best], config, baselines=False, test_cache=test_cache
             )
             selection = {
-                "losses": [float(v) for v in losses],
-                "sound": [not bad for bad, _ in keys],
+                **selection_record(estimates),
                 "best": best,
                 "candidates": names,
             }
@@ -1308,7 +1335,7 @@ def listing(
     recipe: Recipe | None = None,
 ) -> list[str]:
     """One line per cell: each stage's candidate (its validation loss, `(unsound)` if it is
-    unsound on validation; `to run`, `waits` for
+    unsound on validation, `(tail)` if only the proposal's draw finds it carried; `to run`, `waits` for
     unrecorded inputs, or `-` where the stage does not cover the cell) and the stage the
     table takes (`table=<stage>`); a recorded Adam candidate whose steps, lr or seeds differ
     from what is asked now says so. Reads only."""
@@ -1336,8 +1363,10 @@ def listing(
                 parts.append(f"{st.name}=not-needed")
                 continue
             key = validation_key(stage_dir(paper_dir, st), cell)
-            parts.append(f"{st.name}={key[1]:.6g}" + ("(unsound)" if key[0] else ""))
-            if key < best_key:  # the table's ranking: sound first, then the lower loss
+            rank = validation_rank(stage_dir(paper_dir, st), cell)
+            mark = {SOUND: "", TAIL: "(tail)"}.get(rank, "(unsound)")
+            parts.append(f"{st.name}={key[1]:.6g}{mark}")
+            if key < best_key:  # the table's ranking: by rank, then the lower loss
                 best, best_key = st.name, key
             if isinstance(st, Train):
                 now = asked_now[st.name]
