@@ -32,6 +32,7 @@ lint:
 # skipping what it has recorded, then runs/paper/table1.csv as each cell's best candidate by
 # validation loss (README: Reproducing the paper). A part: `just sweep --noise 5,{1;3}`;
 # `just sweep --list` shows each stage's candidates and the table's pick, writing nothing.
+# Across machines: `just sweep --shard K/N --wait 36000` on each of N, then `just sweep`.
 sweep *ARGS:
     python -m eqicl.sweep {{ARGS}}
 

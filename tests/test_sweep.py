@@ -476,6 +476,10 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
         (["--noise", ""], "no cells selected"),
         (["--layers", "5-3"], "no cells selected"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--shard", "3/2"], "--shard K/N needs 1 <= K <= N, got '3/2'"),
+        (["--shard", "two"], "--shard must be K/N, e.g. 2/8, got 'two'"),
+        (["--wait", "5"], "--wait is for --shard K/N"),
+        (["--shard", "1/2", "--wait", "-1"], "--wait must be a number of seconds >= 0"),
     ]:
         assert main(args + paper) == 2
         err = capsys.readouterr().err
@@ -484,6 +488,119 @@ def test_bad_sweep_arguments_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["--paper-dir", str(tmp_path / "file")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_shards_split_the_cells_disjointly_and_by_cost():
+    """`--shard K/N`: the N parts are disjoint, cover every asked cell, do not depend on the
+    order the cells were asked in, and share the recipe's cost evenly."""
+    from eqicl._sweep import parse_shard, recipe_seeds, shard_cells
+
+    cells = parse_cells("all", "all", "all")
+    assert parse_shard("3/8") == (3, 8)
+
+    def cost(c):
+        return recipe_steps(c.model, c.layers) * recipe_seeds(c.column) * (c.layers + 2)
+
+    for n in (1, 2, 3, 8):
+        parts = [shard_cells(cells, k, n) for k in range(1, n + 1)]
+        assert sorted(c for part in parts for c in part) == sorted(cells)
+        assert shard_cells(list(reversed(cells)), 1, n) == parts[0]
+        loads = [sum(map(cost, part)) for part in parts]
+        assert max(loads) - min(loads) <= max(map(cost, cells))  # greedy: within one cell
+    # four equal cells: GD++ and DIAG of a noise setting land on different shards, so the
+    # DIAG cell's warm start waits for the other shard's GD++ candidate
+    small = parse_cells("gdpp,diag", "1", "0,{1;3}")
+    assert shard_cells(small, 1, 2) == [Cell("gdpp", 1, "0"), Cell("gdpp", 1, "{1;3}")]
+    assert shard_cells(small, 2, 2) == [Cell("diag", 1, "0"), Cell("diag", 1, "{1;3}")]
+    assert shard_cells(small, 5, 8) == []
+
+
+# The small recipe for a sweep in a subprocess (a shard): eqicl.sweep's command line with it.
+_SHARD_DRIVER = """
+import sys
+import eqicl._sweep as s
+from eqicl._sweep import Polish, Recipe, Train
+s.RECIPE = Recipe((
+    Train("cold", max_layers="1"),
+    Train("warm", warm=True, starts_from=("cold",)),
+    Polish("polish", max_layers="1", starts=2, iterations=3, sequences=300),
+))
+s.WAIT_POLL = 0.2
+from eqicl.sweep import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_shards_on_one_store_make_the_one_process_table(swept, tmp_path, capsys):
+    """Two processes, `--shard 1/2` and `--shard 2/2` with `--wait`, on one shared paper
+    directory and run root, at the same time (the DIAG cells' warm starts are the other
+    shard's GD++ candidates); then the command without `--shard` assembles and scores the
+    table, training nothing. Every weights file and every number equals the one-process
+    sweep's."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ref_root, _ = swept
+    args = [*CELLS, *_args(tmp_path)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARD_DRIVER, *args, "--shard", f"{k}/2", "--wait", "600"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in (1, 2)
+    ]
+    outs = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert "shard 1/2: 2 of the 4 cells" in outs[0] and "shard 2/2: 2 of the 4" in outs[1]
+    assert "cold: 2 cells, 0 recorded, 2 to run" in outs[1]
+    assert "waits for" not in "".join(outs)  # nothing left over: each waited for the other
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eqicl._sweep, "RECIPE", SMALL_RECIPE)
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cold: 4 cells, 4 recorded, 0 to run" in out and "polish: 4 cells, 4 recorded" in out
+    paper, ref = tmp_path / "paper", ref_root / "paper"
+    rows, ref_rows = read_table(paper / "table1.csv"), read_table(ref / "table1.csv")
+    assert set(rows) == set(ref_rows) and len(rows) == 4
+    timing = ("train_seconds", "eval_seconds")
+    for cell, row in rows.items():
+        assert {k: v for k, v in row.items() if k not in timing} == {
+            k: v for k, v in ref_rows[cell].items() if k not in timing
+        }
+        with np.load(weights_path(paper, cell)) as a, np.load(weights_path(ref, cell)) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for name in a.files:
+                np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_the_slurm_example_gives_each_array_task_its_shard(tmp_path):
+    """examples/slurm_sweep.sh as an array task runs it: SLURM's task id and count become
+    `--shard K/N` on the shared store (`--list`: the cells task K owns, nothing run)."""
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    owned = []
+    for k in (1, 2):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": "2"}
+        env.update(STORE=str(tmp_path / "store"), PYTHONPATH=str(root / "src"))
+        p = subprocess.run(
+            ["bash", str(root / "examples" / "slurm_sweep.sh"), *CELLS, "--list"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        owned.append([line.split()[0] for line in p.stdout.splitlines()])
+    assert owned == [["gdpp-L1-u0", "gdpp-L1-c1_3"], ["diag-L1-u0", "diag-L1-c1_3"]]
+    assert not (tmp_path / "store").exists()  # --list writes nothing
 
 
 def test_recipes_are_checked():

@@ -378,6 +378,43 @@ def _order(cell: Cell):
     return (cell.layers, MODELS.index(cell.model), COLUMNS.index(cell.column))
 
 
+def _training_order(cell: Cell):
+    """The order every stage trains its cells in: noise setting by noise setting, shallow
+    before deep, GD++ before DIAG before FULL, so that every start precedes what it starts."""
+    return (COLUMNS.index(cell.column), cell.layers, MODELS.index(cell.model))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (1 <= K <= N) as (K, N), or a one-line SweepError."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SweepError(f"--shard must be K/N, e.g. 2/8, got {text!r}") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise SweepError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def shard_cells(cells: Sequence[Cell], k: int, n: int) -> list[Cell]:
+    """Shard `k` of `n` of `cells`: each cell, in decreasing order of its recipe cost (Adam
+    steps × seeds × (layers + 2), whatever `--steps` says), goes to the shard with the least
+    cost so far (ties: the cell first in training order, the lower shard). Deterministic in
+    the asked cells alone, so N machines given the same cells and their own K split them
+    into disjoint parts covering all."""
+
+    def cost(c: Cell) -> int:
+        return recipe_steps(c.model, c.layers) * recipe_seeds(c.column) * (c.layers + 2)
+
+    load = [0] * n
+    mine = []
+    for cell in sorted(set(cells), key=lambda c: (-cost(c), _training_order(c))):
+        j = min(range(n), key=lambda i: (load[i], i))
+        load[j] += cost(cell)
+        if j == k - 1:
+            mine.append(cell)
+    return sorted(mine, key=_order)
+
+
 def read_table(path: pathlib.Path) -> dict[Cell, dict]:
     """The recorded cells of table1.csv; a duplicated or malformed row is an error."""
     if not path.exists():
@@ -707,6 +744,33 @@ class _Progress:
             self.bar.close()
 
 
+# How often a shard waiting for another shard's candidate looks at the store again (seconds).
+WAIT_POLL = 5.0
+
+
+def _await_inputs(
+    recipe: "Recipe",
+    stage: "Stage",
+    cell: Cell,
+    paper_dir: pathlib.Path,
+    until: float,
+    say: Callable[[str], None],
+) -> list[str]:
+    """`recipe.missing_inputs` of `cell`, after waiting for them (another sweep shard
+    records them) until the `time.monotonic()` deadline `until` (0: not at all), looking
+    every `WAIT_POLL` seconds; one line when it starts waiting."""
+    waits = recipe.missing_inputs(stage, cell, paper_dir)
+    if waits and time.monotonic() < until:
+        say(
+            f"{stage.name}/{cell.name} waits up to {until - time.monotonic():.0f} s for "
+            f"{', '.join(waits)} (another shard's)"
+        )
+    while waits and time.monotonic() < until:
+        time.sleep(max(0.0, min(WAIT_POLL, until - time.monotonic())))
+        waits = recipe.missing_inputs(stage, cell, paper_dir)
+    return waits
+
+
 def _train_stage(
     stage: "Train",
     cells: Sequence[Cell],
@@ -719,11 +783,13 @@ def _train_stage(
     force: bool,
     echo: Callable[[str], None],
     progress: bool,
+    until: float = 0.0,
 ) -> list[dict]:
     """Train, evaluate and record this stage's candidate of every cell not yet recorded in
     it (all of them with `force`; `run_recipe` has checked their run directories), each from the GD start or (`stage.warm`) from its best
     start (`warm_start`). A warm cell whose starts are not all recorded yet waits (one line
-    each): it would start elsewhere than in a run from scratch. Cells run noise setting by
+    each; until the monotonic deadline `until` for another shard to record them, then it is
+    left for a later run): it would start elsewhere than in a run from scratch. Cells run noise setting by
     noise setting, shallow before deep and GD++ before DIAG before FULL, so that every start
     is trained before the cells it starts."""
     from ._run import run
@@ -741,13 +807,15 @@ def _train_stage(
     t0 = time.perf_counter()
     # Noise setting by noise setting, so that its test sequences are drawn once (see
     # eqicl.SequenceCache); shallow cells first within one.
-    todo.sort(key=lambda c: (COLUMNS.index(c.column), c.layers, MODELS.index(c.model)))
+    todo.sort(key=_training_order)
     test_cache = SequenceCache()  # the test draw of a noise setting, scored once
     try:
         for i, cell in enumerate(todo):
             config = _resumed_config(root / cell.name, cell, steps, seeds, extra, stage.settings)
             if config is None:
-                waits = recipe.missing_inputs(stage, cell, paper_dir)
+                waits = _await_inputs(
+                    recipe, stage, cell, paper_dir, until, lambda m: bar.done(m, 0)
+                )
                 if waits:
                     bar.done(
                         f"[{i + 1}/{len(todo)}] {stage.name}/{cell.name} waits for "
@@ -941,9 +1009,11 @@ def merge(
     `weights/<cell>.npz`. Never the test loss. Returns how many cells each pass gave."""
     import shutil
 
-    tables, choices = merge_choices(passes)
     counts = {p.name: 0 for p in passes}
     with results_lock(paper_dir):
+        # Chosen under the lock, so that concurrent merges (sweep shards) are serialised and
+        # each reads every candidate recorded before it began: the last one is never stale.
+        tables, choices = merge_choices(passes)
         rows = read_table(paper_dir / "table1.csv")
         for cell, best, losses in choices:
             counts[best.name] += 1
@@ -975,8 +1045,10 @@ def _polish_stage(
     force: bool,
     echo: Callable[[str], None],
     progress: bool,
+    until: float = 0.0,
 ) -> list[dict]:
-    """A stage that trains nothing with Adam. Each cell, once the earlier stages have
+    """A stage that trains nothing with Adam (a cell waits for its inputs as in
+    `_train_stage`, until the monotonic deadline `until`). Each cell, once the earlier stages have
     recorded it, gets these candidates, starting from its best candidate of those stages
     (by validation loss, as the table takes it):
     - those weights;
@@ -1002,10 +1074,7 @@ def _polish_stage(
     store = stage_dir(paper_dir, stage)
     earlier = [stage_dir(paper_dir, st) for st in recipe.stages[: recipe.stages.index(stage)]]
     done = read_table(store / "table1.csv")
-    todo = sorted(
-        (c for c in cells if force or c not in done),
-        key=lambda c: (COLUMNS.index(c.column), c.layers, MODELS.index(c.model)),
-    )
+    todo = sorted((c for c in cells if force or c not in done), key=_training_order)
     echo(f"{stage.name}: {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
     starts, iterations, sequences = stage.starts, stage.iterations, stage.sequences
     bar = _Progress(len(todo), stage.name, "cell", progress, echo)
@@ -1014,7 +1083,7 @@ def _polish_stage(
     test_cache = SequenceCache()  # the test draw of a noise setting, scored once
     try:
         for i, cell in enumerate(todo):
-            waits = recipe.missing_inputs(stage, cell, paper_dir)
+            waits = _await_inputs(recipe, stage, cell, paper_dir, until, lambda m: bar.done(m, 0))
             source = _best_source(earlier, cell)
             if waits or source is None:
                 why = (
@@ -1258,6 +1327,8 @@ def run_recipe(
     recipe: Recipe | None = None,
     test_seed: int = TEST_SEED,
     test_sequences: int = TEST_SEQUENCES,
+    shard: tuple[int, int] | None = None,
+    wait: float = 0.0,
 ) -> dict[str, int]:
     """The whole recipe for `cells`, from scratch or from wherever it stopped: the baselines
     of their noise settings (once, in `paper_dir`), every stage in order (each skips the
@@ -1268,8 +1339,22 @@ def run_recipe(
     cells the table takes from each stage. `recipe`: default `RECIPE`. Last, the table's
     cells are scored on `test_sequences` sequences of the test seed `test_seed`
     (`eqicl._score.score_table`, the `test*` columns; 0 sequences: not scored), each cell
-    once for its weights."""
+    once for its weights.
+
+    With `shard=(K, N)` only shard K of N of `cells` (`shard_cells`) is trained and scored,
+    and a cell whose inputs another shard makes waits up to `wait` seconds for them in all
+    (then it is left, said, for a later run); N processes on one shared `paper_dir` and
+    `run_root` make the whole, and a last run without a shard assembles and scores the
+    table (every cell recorded: nothing retrains)."""
     recipe = recipe or RECIPE
+    if shard is not None:
+        k, n = shard
+        everything = len(cells)
+        cells = shard_cells(cells, k, n)
+        echo(f"shard {k}/{n}: {len(cells)} of the {everything} cells")
+        if not cells:
+            return {}
+    until = time.monotonic() + wait if wait > 0 else 0.0
     for cell in cells:  # every config is checked before anything runs
         for stage in recipe.stages:
             try:
@@ -1304,9 +1389,10 @@ def run_recipe(
                 force,
                 echo,
                 progress,
+                until,
             )
         else:
-            _polish_stage(stage, covered, recipe, paper_dir, extra, force, echo, progress)
+            _polish_stage(stage, covered, recipe, paper_dir, extra, force, echo, progress, until)
     counts = assemble(paper_dir, recipe, echo)
     if test_sequences and counts:
         score_table(paper_dir, test_seed, test_sequences, cells, echo, progress)

@@ -10,6 +10,9 @@ from where it stopped. Examples:
     python -m eqicl.sweep --noise 5,{1;3}                   # a part (cells whose inputs
                                                             # are elsewhere wait; rerun later)
     python -m eqicl.sweep --list                            # each stage's candidates, the table's pick
+    python -m eqicl.sweep --shard 3/8 --wait 86400          # part 3 of 8 (one machine of 8,
+                                                            # sharing the store); then, once
+    python -m eqicl.sweep                                   # all are done: the table
 
 The stages: `cold` trains the cells of 1-4 layers, and FULL at every depth, from the GD
 initialization; `warm` trains every cell from the best (on its validation sequences) of the
@@ -98,6 +101,22 @@ def main(argv: list[str] | None = None) -> int:
         default=1_000_000,
         help="sequences per estimate of that score (1,000,000; 0: no score)",
     )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="train and score only part K of N of the asked cells (balanced by cost, the same "
+        "split on every machine); N such runs on one shared --paper-dir and --run-root make "
+        "the whole, and a last run without --shard assembles the table",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --shard: how long in all a cell may wait for inputs another shard makes "
+        "(0: cells whose inputs are not recorded yet are left for a later run)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_jax()
     from ._config import ConfigError
     from ._run import RunDirError
-    from ._sweep import listing, run_recipe
+    from ._sweep import listing, parse_shard, run_recipe
 
     try:
         if args.seeds is not None and args.seeds < 1:
@@ -119,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(
                 f"--test-sequences must be 0 (no score) or in [2, 1e9], got {args.test_sequences}"
             )
+        shard = parse_shard(args.shard) if args.shard is not None else None
+        if not (0 <= args.wait < float("inf")):
+            raise SweepError(f"--wait must be a number of seconds >= 0, got {args.wait}")
+        if args.wait and shard is None:
+            raise SweepError("--wait is for --shard K/N (a whole sweep waits for nobody)")
         cells = parse_cells(args.models, args.layers, args.noise)
         if not cells:
             raise SweepError("no cells selected (check --models, --layers and --noise)")
@@ -126,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         if paper_dir.exists() and not paper_dir.is_dir():
             raise SweepError(f"--paper-dir {paper_dir} is not a directory")
         if args.list:
+            if shard is not None:  # the cells this shard owns
+                from ._sweep import shard_cells
+
+                cells = shard_cells(cells, *shard)
             for line in listing(cells, paper_dir, args.steps, args.seeds, args.overrides):
                 print(line)
             return 0
@@ -140,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             test_seed=args.test_seed,
             test_sequences=args.test_sequences,
+            shard=shard,
+            wait=args.wait,
         )
     except (SweepError, RunDirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
