@@ -812,9 +812,14 @@ def test_validation_verdicts():
     assert verdict(est) == (SOUND, None)
     assert verdict({**est, "max": 2e7})[0] == SOUND  # the largest loss alone says nothing
     rank, why = verdict({**est, "top_share": 0.6})
-    assert rank == UNSOUND and "carries 60%" in why
+    assert rank == UNSOUND and why.startswith(
+        "on the plain validation draw: the top 0.1 % carries 60%"
+    )
     assert verdict({**est, "top_share": 0.6, "max": 0.4})[0] == SOUND  # tiny losses
-    assert verdict({**est, "finite": False}) == (UNSOUND, "not finite on validation")
+    assert verdict({**est, "finite": False}) == (
+        UNSOUND,
+        "on the plain validation draw: not finite",
+    )
     # se 0.0079 on 400,000 sequences is 0.0050 on 1,000,000: 5 % of 0.1 is the edge.
     assert verdict({**est, "se": 0.0078})[0] == SOUND
     rank, why = verdict({**est, "se": 0.0080})
@@ -828,6 +833,14 @@ def test_validation_verdicts():
     assert rank == TAIL and "rare sequences carry" in why
     assert verdict({**est, "tail": {**plain, "mean": math.inf, "finite": False}})[0] == TAIL
     assert verdict({**est, "tail": {**plain, "mean": 0.05}})[0] == SOUND  # lower: no tail
+    # A proposal estimate carried by one sequence has a standard error as large as its mean:
+    # it is a tail whatever the difference's standard errors say (FULL 5L σ0 of the third
+    # rerun: 0.0106 ± 0.00014 plain, 1.38e18 ± 1.38e18 on the proposal's draw, top 100 %).
+    carried = {**plain, "mean": 1.38e18, "se": 1.38e18, "top_share": 1.0, "max": 5.6e28}
+    rank, why = verdict({**est, "tail": carried})
+    assert rank == TAIL and "proposal's validation draw: the top 0.1 % carries 100%" in why
+    rank, why = verdict({**est, "tail": {**plain, "mean": 0.1, "se": 0.02}})
+    assert rank == TAIL and "imprecise" in why
     assert verdict(plain) == (SOUND, None)  # a plain proposal: no tail estimate
 
 

@@ -232,41 +232,51 @@ TABLE_SEQUENCES = 1_000_000
 SOUND, TAIL, UNSOUND = 0, 1, 2
 
 
-def verdict(estimate: dict) -> tuple[int, str | None]:
-    """How every choice between candidates ranks a validation estimate (`select_estimates`),
-    with why: `UNSOUND` if on the plain draw it is not finite, carried (the top 0.1 % carries
-    at least half the mean and the largest loss is at least 0.5, as `analysis.reeval` judges a
-    test estimate) or imprecise (its standard error, scaled to `TABLE_SEQUENCES` sequences,
-    above 5 % of the mean and above 0.0002); `TAIL` if it is sound there but the proposal's
-    importance-weighted estimate (under "tail") is not finite or exceeds the plain one by more
-    than 10 % plus two standard errors of the difference: sequences just beyond a plain
-    draw's reach carry its expectation; `SOUND` otherwise (reason None)."""
+def _plain_fault(estimate: dict) -> str | None:
+    """Why an estimate (an `eqicl.summarize` dict) is not one the table could report: not
+    finite, carried (the top 0.1 % carries at least half the mean and the largest loss is at
+    least 0.5, as `analysis.reeval` judges a test estimate) or imprecise (its standard error,
+    scaled to `TABLE_SEQUENCES` sequences, above 5 % of the mean and above 0.0002)."""
     mean, se = float(estimate["mean"]), float(estimate["se"])
     if not (estimate["finite"] and math.isfinite(mean)):
-        return UNSOUND, "not finite on validation"
+        return "not finite"
     if estimate["top_share"] >= 0.5 and estimate["max"] >= 0.5:
-        return UNSOUND, (
-            f"the top 0.1 % carries {estimate['top_share']:.0%} of its validation loss "
-            f"{mean:.4g}, largest loss {estimate['max']:.3g}"
+        return (
+            f"the top 0.1 % carries {estimate['top_share']:.0%} of {mean:.4g}, largest loss "
+            f"{estimate['max']:.3g}"
         )
     projected = se * math.sqrt(estimate["sequences"] / TABLE_SEQUENCES)
     if not projected <= max(0.05 * mean, 2e-4):
-        return UNSOUND, (
-            f"imprecise: validation loss {mean:.4g} ± {se:.2g} on {estimate['sequences']} "
-            f"sequences ({projected:.2g} on {TABLE_SEQUENCES})"
+        return (
+            f"imprecise: {mean:.4g} ± {se:.2g} on {estimate['sequences']} sequences "
+            f"({projected:.2g} on {TABLE_SEQUENCES})"
         )
+    return None
+
+
+def verdict(estimate: dict) -> tuple[int, str | None]:
+    """How every choice between candidates ranks a validation estimate (`select_estimates`),
+    with why: `UNSOUND` if the plain draw's estimate is not finite, carried or imprecise
+    (`_plain_fault`: what the table's bar refuses); `TAIL` if it is sound but the proposal's
+    importance-weighted estimate (under "tail") is itself not finite, carried or imprecise,
+    or exceeds the plain one by more than 10 % plus two standard errors of the difference:
+    sequences just beyond a plain draw's reach carry its expectation; `SOUND` otherwise
+    (reason None)."""
+    fault = _plain_fault(estimate)
+    if fault is not None:
+        return UNSOUND, f"on the plain validation draw: {fault}"
     tail = estimate.get("tail")
     if tail is None:
         return SOUND, None
+    fault = _plain_fault(tail)
+    if fault is not None:
+        return TAIL, f"on the proposal's validation draw: {fault}"
+    mean, se = float(estimate["mean"]), float(estimate["se"])
     t_mean, t_se = float(tail["mean"]), float(tail["se"])
-    if not (tail["finite"] and math.isfinite(t_mean)):
-        return TAIL, "not finite on the proposal's validation draw"
-    allowed = 0.1 * mean + 2 * math.hypot(se, t_se if math.isfinite(t_se) else math.inf)
-    if t_mean - mean > allowed:
+    if t_mean - mean > 0.1 * mean + 2 * math.hypot(se, t_se):
         return TAIL, (
-            f"the proposal's validation draw gives {t_mean:.4g} ± {t_se:.2g} (top 0.1 % "
-            f"{tail['top_share']:.0%}, largest loss {tail['max']:.3g}) against {mean:.4g} "
-            "plain: rare sequences carry its expectation"
+            f"the proposal's validation draw gives {t_mean:.4g} ± {t_se:.2g} against "
+            f"{mean:.4g} ± {se:.2g} plain: rare sequences carry its expectation"
         )
     return SOUND, None
 
