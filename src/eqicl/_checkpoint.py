@@ -227,8 +227,17 @@ def _restore_step(
     dynamic, static = eqx.partition(skeleton(config) if like is None else like, _is_shape)
     abstract = jax.tree.leaves(dynamic)
     _check_shapes(meta, _signature(abstract), where)
+    # Every process restores the whole (replicated) state onto a device of its own, whatever
+    # the devices and processes that saved it: a run resumes on any of them (the trainer
+    # then replicates it over its mesh).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here) for a in abstract]
     named = meta.get("layout") == "named"
-    target = _named(dynamic) if named else _as_dict(abstract)
+    target = (
+        _named(jax.tree.unflatten(jax.tree.structure(dynamic), abstract))
+        if named
+        else _as_dict(abstract)
+    )
     try:
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -351,9 +360,12 @@ def prune(manager, train: TrainConfig) -> None:
             manager.delete(s)
 
 
-def restore_exact(run_dir: pathlib.Path, config: Config, step: int, why: str) -> TrainState:
+def restore_exact(
+    run_dir: pathlib.Path, config: Config, step: int, why: str, like: TrainState | None = None
+) -> TrainState:
     """Checkpoint `step` and no other: RunDirError (one line, naming `why` it is needed)
-    when it is missing or damaged, never a fall-back to an older one. Writes nothing."""
+    when it is missing or damaged, never a fall-back to an older one. Writes nothing.
+    `like`: as in `check_checkpoint_shapes`."""
     hint = (
         "rerun the same `python -m eqicl.train` command to rebuild it "
         "(training resumes from the newest intact checkpoint)"
@@ -362,7 +374,7 @@ def restore_exact(run_dir: pathlib.Path, config: Config, step: int, why: str) ->
         raise RunDirError(f"{run_dir}: checkpoint {step}, {why}, is missing; {hint}")
     manager = checkpoint_manager(run_dir, read_only=True)
     try:
-        return _restore_step(manager, step, config, f"checkpoint {step} of {run_dir}")
+        return _restore_step(manager, step, config, f"checkpoint {step} of {run_dir}", like)
     except _Corrupt as e:
         raise RunDirError(
             f"{run_dir}: checkpoint {step}, {why}, is damaged ({e}); {hint}"
