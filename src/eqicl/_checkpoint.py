@@ -80,13 +80,25 @@ def scheduled(step: int, train: TrainConfig) -> bool:
 
 def checkpoint_manager(run_dir: pathlib.Path, read_only: bool = False):
     """Orbax manager of `run_dir/checkpoints`. Retention is `prune`'s job (orbax's
-    max_to_keep would also count checkpoints saved on SIGTERM)."""
+    max_to_keep would also count checkpoints saved on SIGTERM).
+
+    With several processes, the writing manager is orbax's multi-process one: every process
+    calls each save and delete, each writes its part and process 0 commits. A read-only
+    manager belongs to the calling process alone (orbax's `active_processes`), so that
+    process 0 can check checkpoints by itself, and each process reads the replicated state
+    without waiting for the others."""
     ocp = _ocp()
+    here = jax.process_index()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None,
         create=not read_only,
         enable_async_checkpointing=False,
         read_only=read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=here, active_processes={here}
+        )
+        if read_only
+        else ocp.options.MultiprocessingOptions(),
     )
     return ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(), options=options, item_names=("state", "meta")
