@@ -222,7 +222,7 @@ def test_a_run_of_two_processes_resumes_on_one_device(tmp_path, reference):
 
     [(_, out, _)] = _train(run_dir, processes=1, devices=1)
     assert f"resuming {run_dir} from step 20" in out
-    assert "(1 devices in 1 processes now, 4 in 2 up to step 20" in out, out
+    assert "(1 device in 1 process now, 4 devices in 2 processes up to step 20: " in out, out
     calls = _calls(run_dir)
     assert [(c["step"], c["devices"], c["processes"]) for c in calls] == [
         (10, 4, 2),

@@ -904,9 +904,16 @@ def _say_where_it_ran(
     before = (calls[-1]["devices"], calls[-1].get("processes", 1))
     now = (1 if trainer.mesh is None else trainer.mesh.size, jax.process_count())
     if before != now:
+
+        def where(devices: int, processes: int) -> str:
+            return (
+                f"{devices} device{'s' * (devices != 1)} "
+                f"in {processes} process{'es' * (processes != 1)}"
+            )
+
         echo(
-            f"({now[0]} devices in {now[1]} processes now, {before[0]} in {before[1]} up to "
-            f"step {start}: the numbers agree with an unbroken run up to round-off, not bitwise)"
+            f"({where(*now)} now, {where(*before)} up to step {start}: "
+            "the numbers agree with an unbroken run up to round-off, not bitwise)"
         )
 
 

@@ -275,7 +275,8 @@ class Trainer:
     gives the steps, seeds, chunking, devices and the guard's settings.
 
     On several devices (`train.devices`) the state is replicated over a "data" mesh and
-    every step's batch is sharded over it; the result equals one device's up to round-off."""
+    every step's batch is sharded over it; the result equals one device's up to round-off.
+    With several processes (eqicl._parallel) the mesh spans all of theirs."""
 
     def __init__(
         self,
