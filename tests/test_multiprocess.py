@@ -57,10 +57,12 @@ def _launch(
     processes: int,
     devices: int,
     faults: dict[int, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> list[subprocess.Popen]:
     """`processes` processes (each with `devices` forced CPU devices) running the same
-    training command into `run_dir`; `faults[i]` is process i's EQICL_FAULT."""
-    command = [sys.executable, "-m", "eqicl.train", *ARGS, "--run-dir", str(run_dir)]
+    training command into `run_dir` (`args` added to it); `faults[i]` is process i's
+    EQICL_FAULT."""
+    command = [sys.executable, "-m", "eqicl.train", *ARGS, *args, "--run-dir", str(run_dir)]
     port = _free_port()
     procs = []
     for i in range(processes):
@@ -99,8 +101,8 @@ def _wait(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     return out
 
 
-def _train(run_dir, processes, devices, faults=None, ok=True):
-    results = _wait(_launch(run_dir, processes, devices, faults))
+def _train(run_dir, processes, devices, faults=None, ok=True, args=()):
+    results = _wait(_launch(run_dir, processes, devices, faults, args))
     if ok:
         for i, (code, _, stderr) in enumerate(results):
             assert code == 0, f"process {i} exited with {code}: {stderr[-3000:]}"
@@ -232,6 +234,25 @@ def test_a_run_of_two_processes_resumes_on_one_device(tmp_path, reference):
     ]
     assert _relative(_state(run_dir, 40), _state(reference, 40)) < OTHER_DEVICES
     assert _eval_difference(run_dir, reference) < OTHER_DEVICES
+
+
+def test_a_rollback_is_taken_by_every_process(tmp_path):
+    """The divergence guard across processes: seed 1's gradient is NaN at steps 22-24 (the
+    fault is part of the computation, so every process has it); after the third skipped step
+    the processes roll back together to checkpoint 20 with seed 1's learning rate halved,
+    process 0 alone logs the rollback, and the run ends where one process on the same four
+    devices ends."""
+    fault, guard = "nan@22-24/1", ("--set", "train.max_skipped=3")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, processes=1, devices=4, faults={0: fault}, args=guard)
+    _train(two, processes=2, devices=2, faults={0: fault, 1: fault}, args=guard)
+    for run_dir in (one, two):
+        calls = _calls(run_dir)
+        assert [c["step"] for c in calls] == [10, 20, 20, 30, 40], calls
+        assert calls[2]["event"] == "rollback" and calls[2]["from_step"] == 30
+        assert calls[2]["members"] == [1] and calls[-1]["lr_scale"] == [1.0, 0.5]
+    assert _relative(_state(two, 40), _state(one, 40)) < ROUND_OFF
+    assert _eval_difference(two, one) < ROUND_OFF
 
 
 def test_a_refused_run_directory_stops_every_process(tmp_path):

@@ -787,7 +787,11 @@ def run(
 
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
-    SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
+    SIGINT / SIGTERM save a checkpoint and raise `Interrupted`.
+
+    With several processes (`jax.distributed`, eqicl._parallel) every process calls it with
+    the same arguments: process 0 alone writes and locks the run directory and evaluates,
+    all take part in training and checkpoints, and all return its result."""
     # Everything that can refuse the config does so before anything is written.
     config.to_dict()  # config.json must be able to hold it (not a task with its own NoiseLaw)
     check_resources(config)
