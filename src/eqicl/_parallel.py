@@ -119,7 +119,7 @@ def replicate(tree, mesh: Mesh):
     def place(x):
         if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
             return x
-        if isinstance(x, jax.Array) and x.sharding == sharding:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
             return x
         if sharding.is_fully_addressable:
             return jax.device_put(x, sharding)
@@ -137,9 +137,11 @@ def local(tree):
         return tree
 
     def copy(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(np.asarray(x.addressable_data(0)), jax.local_devices()[0])
-        return x
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if not x.is_fully_replicated:
+            raise ValueError(f"an array of shape {x.shape} is sharded across processes")
+        return jax.device_put(np.asarray(x.addressable_data(0)), jax.local_devices()[0])
 
     return jax.tree.map(copy, tree)
 
