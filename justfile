@@ -18,6 +18,24 @@ train *ARGS:
 test *ARGS:
     python -m pytest {{ARGS}}
 
+# The training command in PROCS processes on this machine with DEVICES forced CPU devices each,
+# as tests/test_multiprocess.py runs it (README: Scale-out): `just processes 2 2 --preset tiny --run-dir runs/two`.
+# Process 0's output is shown; the others' stderr only.
+processes PROCS DEVICES *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    pids=()
+    for ((i = 0; i < {{PROCS}}; i++)); do
+        out=/dev/stdout; if (( i > 0 )); then out=/dev/null; fi
+        XLA_FLAGS=--xla_force_host_platform_device_count={{DEVICES}} JAX_COORDINATOR_ADDRESS=127.0.0.1:$port \
+            JAX_NUM_PROCESSES={{PROCS}} JAX_PROCESS_ID=$i python -m eqicl.train {{ARGS}} > $out &
+        pids+=($!)
+    done
+    status=0
+    for p in "${pids[@]}"; do wait "$p" || status=$?; done
+    exit $status
+
 # Longer checks (the baseline rows of Table 1 on 100,000 sequences, ...).
 test-slow *ARGS:
     python -m pytest -m slow {{ARGS}}

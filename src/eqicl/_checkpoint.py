@@ -80,13 +80,25 @@ def scheduled(step: int, train: TrainConfig) -> bool:
 
 def checkpoint_manager(run_dir: pathlib.Path, read_only: bool = False):
     """Orbax manager of `run_dir/checkpoints`. Retention is `prune`'s job (orbax's
-    max_to_keep would also count checkpoints saved on SIGTERM)."""
+    max_to_keep would also count checkpoints saved on SIGTERM).
+
+    With several processes, the writing manager is orbax's multi-process one: every process
+    calls each save and delete, each writes its part and process 0 commits. A read-only
+    manager belongs to the calling process alone (orbax's `active_processes`), so that
+    process 0 can check checkpoints by itself, and each process reads the replicated state
+    without waiting for the others."""
     ocp = _ocp()
+    here = jax.process_index()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None,
         create=not read_only,
         enable_async_checkpointing=False,
         read_only=read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=here, active_processes={here}
+        )
+        if read_only
+        else ocp.options.MultiprocessingOptions(),
     )
     return ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(), options=options, item_names=("state", "meta")
@@ -227,8 +239,17 @@ def _restore_step(
     dynamic, static = eqx.partition(skeleton(config) if like is None else like, _is_shape)
     abstract = jax.tree.leaves(dynamic)
     _check_shapes(meta, _signature(abstract), where)
+    # Every process restores the whole (replicated) state onto a device of its own, whatever
+    # the devices and processes that saved it: a run resumes on any of them (the trainer
+    # then replicates it over its mesh).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here) for a in abstract]
     named = meta.get("layout") == "named"
-    target = _named(dynamic) if named else _as_dict(abstract)
+    target = (
+        _named(jax.tree.unflatten(jax.tree.structure(dynamic), abstract))
+        if named
+        else _as_dict(abstract)
+    )
     try:
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -351,9 +372,12 @@ def prune(manager, train: TrainConfig) -> None:
             manager.delete(s)
 
 
-def restore_exact(run_dir: pathlib.Path, config: Config, step: int, why: str) -> TrainState:
+def restore_exact(
+    run_dir: pathlib.Path, config: Config, step: int, why: str, like: TrainState | None = None
+) -> TrainState:
     """Checkpoint `step` and no other: RunDirError (one line, naming `why` it is needed)
-    when it is missing or damaged, never a fall-back to an older one. Writes nothing."""
+    when it is missing or damaged, never a fall-back to an older one. Writes nothing.
+    `like`: as in `check_checkpoint_shapes`."""
     hint = (
         "rerun the same `python -m eqicl.train` command to rebuild it "
         "(training resumes from the newest intact checkpoint)"
@@ -362,7 +386,7 @@ def restore_exact(run_dir: pathlib.Path, config: Config, step: int, why: str) ->
         raise RunDirError(f"{run_dir}: checkpoint {step}, {why}, is missing; {hint}")
     manager = checkpoint_manager(run_dir, read_only=True)
     try:
-        return _restore_step(manager, step, config, f"checkpoint {step} of {run_dir}")
+        return _restore_step(manager, step, config, f"checkpoint {step} of {run_dir}", like)
     except _Corrupt as e:
         raise RunDirError(
             f"{run_dir}: checkpoint {step}, {why}, is damaged ({e}); {hint}"

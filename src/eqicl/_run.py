@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,7 +62,14 @@ from ._files import (
 from ._limits import check_resources
 from ._model import LinearTransformer
 from ._paper import BASELINE_NAMES, MODEL_ROWS
-from ._parallel import num_devices
+from ._parallel import (
+    first_signal,
+    is_primary,
+    local,
+    num_devices,
+    primary_decides,
+    wait_for_primary,
+)
 from ._train import Trainer, TrainState
 from ._version import __version__
 
@@ -419,15 +427,27 @@ def _rollback(
         )
     if not back:
         return _set(state, rollbacks=rollbacks), False
-    restored = restore_checkpoint(
-        path,
-        config,
-        at_most=step,
-        scheduled_only=True,
-        quarantine=True,
-        warn=warn,
-        like=trainer.abstract() if trainer.custom else None,
-    )
+    like = trainer.abstract() if trainer.custom else None
+    found: list[TrainState | None] = []
+
+    def choose() -> int | None:
+        restored = restore_checkpoint(
+            path,
+            config,
+            at_most=step,
+            scheduled_only=True,
+            quarantine=True,
+            warn=warn,
+            like=like,
+        )
+        found.append(restored)
+        return None if restored is None else int(restored.step[0])
+
+    # Process 0 picks the checkpoint (moving damaged ones aside); the others restore it.
+    chosen = primary_decides(choose)
+    restored = found[0] if found else None
+    if chosen is not None and restored is None:
+        restored = restore_exact(path, config, chosen, "the rollback target of process 0", like)
     restored = trainer.init() if restored is None else restored
     target = int(restored.step[0])
     # Checkpoints past the target (one saved on SIGTERM) belong to the abandoned trajectory.
@@ -436,6 +456,8 @@ def _rollback(
         if s > target:
             manager.delete(s)
     restored = _set(restored, lr_scale=lr_scale, rollbacks=rollbacks)
+    if not is_primary():
+        return restored, True
     metrics_path = path / "metrics.jsonl"
     _truncate_metrics_for_rollback(metrics_path, target)
     append_jsonl(
@@ -564,8 +586,9 @@ def _train(
     tc = config.train
     metrics_path = path / "metrics.jsonl"
     zero_loss = zero_train_loss(config)
+    primary = is_primary()
     bar = None
-    if progress:
+    if progress and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -585,16 +608,19 @@ def _train(
             while int(state.step[0]) < tc.steps:
                 state, metrics = trainer.advance(state)
                 step = metrics["step"]
-                append_jsonl(metrics_path, metrics)
+                if primary:
+                    append_jsonl(metrics_path, metrics)
                 _faults.after_call(step)
+                # With several processes, a signal to any of them stops all after this call.
+                signum = first_signal(received)
                 reasons = _guard_reasons(state, metrics, tc, zero_loss)
                 if reasons:
                     state, rolled_back = _rollback(
                         trainer, path, manager, state, reasons, metrics["loss"], say, warn
                     )
                     if rolled_back:
-                        if received:  # nothing to save: a resumed run re-derives the rollback
-                            raise Interrupted(received[0], int(state.step[0]))
+                        if signum:  # nothing to save: a resumed run re-derives the rollback
+                            raise Interrupted(signum, int(state.step[0]))
                         if bar is not None:
                             bar.reset(total=tc.steps)
                             bar.update(int(state.step[0]))
@@ -602,11 +628,13 @@ def _train(
                 state = _push_losses(state, metrics["loss"])
                 if scheduled(step, tc):
                     state = _set(state, skipped=np.zeros_like(np.asarray(state.skipped)))
-                if scheduled(step, tc) or received:
-                    save_checkpoint(manager, state)
+                if scheduled(step, tc) or signum:
+                    # Every process saves (orbax writes each array once and commits on
+                    # process 0), from the state replicated over the mesh.
+                    save_checkpoint(manager, trainer.place(state))
                     prune(manager, tc)
-                if received:
-                    raise Interrupted(received[0], step)
+                if signum:
+                    raise Interrupted(signum, step)
                 if bar is not None:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{min(metrics['loss']):.4g}", refresh=False)
@@ -760,7 +788,11 @@ def run(
 
     Bad input (a different config in `run_dir`, a non-run directory, checkpoints of another
     model shape, a run directory in use) raises RunDirError before anything is written.
-    SIGINT / SIGTERM save a checkpoint and raise `Interrupted`."""
+    SIGINT / SIGTERM save a checkpoint and raise `Interrupted`.
+
+    With several processes (`jax.distributed`, eqicl._parallel) every process calls it with
+    the same arguments: process 0 alone writes and locks the run directory and evaluates,
+    all take part in training and checkpoints, and all return its result."""
     # Everything that can refuse the config does so before anything is written.
     config.to_dict()  # config.json must be able to hold it (not a task with its own NoiseLaw)
     check_resources(config)
@@ -777,36 +809,51 @@ def run(
             f"evaluation scores a LinearTransformer, not a {type(like.model).__name__}; "
             "run(..., evaluate=False) trains it"
         )
-    path = check_run_dir(run_dir, config, like)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"cannot create {path}: {e.strerror}") from None
-    with stop_outside_training() as stopped, run_lock(path, echo):
-        remove_leftovers(path, warn)
-        prepare_run_dir(path, config, like)  # again under the lock: another trainer may have won
-        remove_partial_checkpoints(path, warn)
-        metrics_path = path / "metrics.jsonl"
-        state = restore_checkpoint(path, config, quarantine=True, warn=warn, like=like)
-        if state is None:
-            state = trainer.init()
-            start = 0
-            metrics_path.unlink(missing_ok=True)
-        else:
+    primary = is_primary()
+    path = pathlib.Path(run_dir)
+    with stop_outside_training() as stopped, contextlib.ExitStack() as held:
+        found: list[TrainState | None] = []
+
+        def prepare() -> int | None:
+            """Process 0's part: check and lock the directory, clean it, pick the checkpoint
+            to resume from; returns its step (None: start at step 0)."""
+            check_run_dir(path, config, like)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunDirError(f"cannot create {path}: {e.strerror}") from None
+            held.enter_context(run_lock(path, echo))
+            remove_leftovers(path, warn)
+            prepare_run_dir(
+                path, config, like
+            )  # again under the lock: another trainer may have won
+            remove_partial_checkpoints(path, warn)
+            state = restore_checkpoint(path, config, quarantine=True, warn=warn, like=like)
+            found.append(state)
+            metrics_path = path / "metrics.jsonl"
+            if state is None:
+                metrics_path.unlink(missing_ok=True)
+                return None
             start = int(state.step[0])
             _truncate_metrics_for_resume(metrics_path, start, warn)
             echo(f"resuming {path} from step {start}")
-            began = read_run_config(path).train.devices
-            if began != config.train.devices:
-                echo(
-                    f"(train.devices={config.train.devices} now, {began} when the run began: "
-                    "the numbers agree with an unbroken run up to round-off, not bitwise)"
-                )
+            _say_where_it_ran(path, config, trainer, start, echo)
+            return start
+
+        # Process 0 decides; every other process then restores the very same checkpoint.
+        resume = primary_decides(prepare)
+        state = found[0] if found else None
+        if resume is not None and state is None:
+            state = restore_exact(path, config, resume, "the one process 0 resumes from", like)
+        if state is None:
+            state = trainer.init()
+        start = 0 if resume is None else resume
         eval_path = path / "eval.json"
         if start >= config.train.steps and eval_path.is_file():
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
                 result = json.loads(eval_path.read_text())
-                echo(f"{path} is finished; results in {eval_path}")
+                if primary:
+                    echo(f"{path} is finished; results in {eval_path}")
                 return result
         if start < config.train.steps:
             from ._kernel import describe
@@ -820,11 +867,59 @@ def run(
             except _Diverged as e:
                 reason, selection = e.args
                 result = _failed(reason, selection=selection, steps=config.train.steps)
-                write_json_atomic(eval_path, result)
+                if primary:
+                    write_json_atomic(eval_path, result)
                 return result
         if not evaluate:
             return {"status": "trained", "steps": int(state.step[0])}
-        return finish(config, path, state, echo, baselines, test_cache, stopped)
+        # Process 0 selects, evaluates and writes eval.json; the others wait for it.
+        state = local(state)
+        if not primary:
+            wait_for_primary("evaluated")
+            return _read_eval(eval_path)
+        try:
+            return finish(config, path, state, echo, baselines, test_cache, stopped)
+        finally:
+            wait_for_primary("evaluated")
+
+
+def _read_eval(eval_path: pathlib.Path) -> dict:
+    """eval.json as process 0 wrote it (RunDirError if it did not)."""
+    try:
+        return json.loads(eval_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise RunDirError(f"process 0 wrote no readable {eval_path}; its output says why") from None
+
+
+def _say_where_it_ran(
+    path: pathlib.Path, config: Config, trainer: Trainer, start: int, echo: Callable[[str], None]
+) -> None:
+    """One line when a run resumes on other hardware than its last call ran on: it agrees
+    with the unbroken run up to round-off, not bitwise (the order of the batch sum)."""
+    began = read_run_config(path).train.devices
+    if began != config.train.devices:
+        echo(
+            f"(train.devices={config.train.devices} now, {began} when the run began: "
+            "the numbers agree with an unbroken run up to round-off, not bitwise)"
+        )
+        return
+    calls = [r for _, r in _read_lines(path / "metrics.jsonl") if "event" not in r]
+    if not calls or "devices" not in calls[-1]:
+        return
+    before = (calls[-1]["devices"], calls[-1].get("processes", 1))
+    now = (1 if trainer.mesh is None else trainer.mesh.size, jax.process_count())
+    if before != now:
+
+        def where(devices: int, processes: int) -> str:
+            return (
+                f"{devices} device{'s' * (devices != 1)} "
+                f"in {processes} process{'es' * (processes != 1)}"
+            )
+
+        echo(
+            f"({where(*now)} now, {where(*before)} up to step {start}: "
+            "the numbers agree with an unbroken run up to round-off, not bitwise)"
+        )
 
 
 def summary_table(config: Config, result: dict) -> str:

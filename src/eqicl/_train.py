@@ -13,14 +13,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from . import _faults
 from ._config import Config, TrainConfig
 from ._fast import Stats, per_sequence_loss, sample_stats, sample_weighted_stats
 from ._model import LinearTransformer, init_transformer
-from ._parallel import data_mesh
+from ._parallel import data_mesh, replicate
 from ._task import Batch, batch_oracle_weights, prng_key, sample_batch
 
 LOSS_WINDOW = 16  # jitted calls whose mean loss the explosion check takes the median of
@@ -276,7 +275,8 @@ class Trainer:
     gives the steps, seeds, chunking, devices and the guard's settings.
 
     On several devices (`train.devices`) the state is replicated over a "data" mesh and
-    every step's batch is sharded over it; the result equals one device's up to round-off."""
+    every step's batch is sharded over it; the result equals one device's up to round-off.
+    With several processes (eqicl._parallel) the mesh spans all of theirs."""
 
     def __init__(
         self,
@@ -310,14 +310,11 @@ class Trainer:
             self._abstract = typing.cast(TrainState, eqx.filter_eval_shape(self.init))
         return self._abstract
 
-    def _place(self, tree):
+    def place(self, tree):
         """Replicated over the mesh, wherever the arrays are now (a state restored from a
-        checkpoint lives on one device; `device_put` moves it, a no-op once placed)."""
-        if self.mesh is None:
-            return tree
-        dynamic, static = eqx.partition(tree, eqx.is_array)
-        dynamic = jax.device_put(dynamic, NamedSharding(self.mesh, PartitionSpec()))
-        return eqx.combine(dynamic, static)
+        checkpoint lives on one device; placing it again is a no-op). Unchanged on one
+        device."""
+        return tree if self.mesh is None else replicate(tree, self.mesh)
 
     def advance(self, state: TrainState) -> tuple[TrainState, dict]:
         """One jitted call from `state` (which must be short of `train.steps`). The metrics:
@@ -332,7 +329,7 @@ class Trainer:
             self._chunks[k] = make_train_chunk(
                 self.config, k, self.optimizer, self.objective, self.sampler
             )
-        members, state = self._place((jnp.arange(tc.seeds), state))
+        members, state = self.place((jnp.arange(tc.seeds), state))
         t0 = time.perf_counter()
         with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
             state, (losses, skipped) = self._chunks[k](members, state)
@@ -353,6 +350,9 @@ class Trainer:
             "lr": None if rate is None else [rate * v for v in lr_scale],
             "lr_scale": lr_scale,
             "seconds": time.perf_counter() - t0,
+            # Where the call ran (not part of the run's identity: see eqicl._run.NOT_IDENTITY).
+            "devices": 1 if self.mesh is None else self.mesh.size,
+            "processes": jax.process_count(),
         }
         return state, metrics
 

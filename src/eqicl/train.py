@@ -7,6 +7,7 @@ baselines, writes eval.json and prints a short table.
 """
 
 import argparse
+import os
 import signal
 import sys
 
@@ -163,6 +164,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as e:
+        import jax
+
+        if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+            raise
+        # A collective failed: another process of the run is gone. Exit now: JAX's shutdown
+        # at exit would wait minutes for the dead process at its barrier.
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(
+            f"error: process {jax.process_index()} lost the other processes ({first}); "
+            "stop every process of the run and rerun the same command on all of them to "
+            "resume from the last checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(3)
     print(summary_table(config, result))
     return 0 if result.get("status") == "ok" else 1
 
