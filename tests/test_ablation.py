@@ -147,6 +147,10 @@ def test_the_command_at_test_time_on_the_committed_weights(tmp_path, capsys):
     # the unablated row is the committed model itself: its plain estimate is finite, precise
     assert 0 < float(rows[0]["plain_se"]) < 0.2 * float(rows[0]["plain"])
     assert (out / "test_time.png").stat().st_size > 0
+    # another cell: added to the table, the first one's rows kept
+    assert main([*args, "--layers", "2", "--noise", "5", "--sequences", "2000"]) == 0
+    both = list(csv.DictReader(io.StringIO((out / "test_time.csv").read_text())))
+    assert both[:5] == rows and {r["layers"] for r in both[5:]} == {"2"} and len(both) == 10
     for bad, message in (
         (["--sequences", "1"], "--sequences must be in [2, 1e9]"),
         (["--steps", "5"], "--steps and --set are for --train"),

@@ -12,6 +12,9 @@ with w_yy ≡ 0 (no adaptive rescaling), and with both (GD++'s function class).
   each deeper one from the one before with an identity layer in front), into `--run-root`
   (resumable: run it again), then scored (`trained.csv`, `trained.png`).
 
+Rows of cells not asked now are kept from an earlier table, so a study can grow setting by
+setting (`--noise 5`, then `--noise 0,1`, ...) into one table and figure.
+
 Every row: the plain estimate on `--sequences` sequences of the test seed `--seed` (2029, used
 by nothing else) with its standard error, largest loss and top-0.1 % share, and the tail-aware
 estimate on as many; the paper's DIAG value of the cell beside it.
@@ -35,7 +38,7 @@ def _plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
     cols = min(5, len(columns))
     nrows = -(-len(columns) // cols)
     fig, axes = plt.subplots(
-        nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False, sharex=True
+        nrows, cols, figsize=(max(3.2 * cols, 7.0), 2.8 * nrows + 1.2), squeeze=False, sharex=True
     )
     for ax, column in zip(axes.flat, columns, strict=False):
         here = [r for r in rows if r["noise"] == column]
@@ -58,9 +61,9 @@ def _plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
         ax.set_visible(False)
     axes[0][0].set_ylabel("adjusted loss (plain estimate)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -163,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         bar.close()
+    # The rows of other cells already in the table stay (a study grows setting by setting).
+    asked = {(str(c.layers), c.column) for c in cells}
+    if (out / f"{stem}.csv").is_file():
+        import csv
+
+        with open(out / f"{stem}.csv", newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (r["layers"], r["noise"]) not in asked]
+        rows = kept + rows
     write_csv_atomic(out / f"{stem}.csv", ab.FIELDS, rows)
     _plot(rows, out / f"{stem}.png", f"{title} (test seed {seed}, {args.sequences} sequences)")
     print(f"wrote {out / f'{stem}.csv'} ({len(rows)} rows) and {out / f'{stem}.png'}")
