@@ -133,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     depths = sorted({c.layers for c in cells})
     bar = tqdm(unit="seq", unit_scale=True, disable=args.no_progress, desc="ablation")
 
-    def tick(_done, bar=bar):
-        bar.update(min(10_000, args.sequences))
+    last = [0]  # score_models counts sequences done from 0 on every call
+
+    def tick(done, bar=bar, last=last):
+        bar.update(done - last[0] if done >= last[0] else done)
+        last[0] = done
 
     try:
         if args.train:

@@ -938,11 +938,6 @@ def validation_key(paper_dir: pathlib.Path, cell: Cell) -> tuple[bool, float]:
     return rank_key(rank, loss)
 
 
-def validation_rank(paper_dir: pathlib.Path, cell: Cell) -> int:
-    """A recorded candidate's rank on validation (`eqicl._evaluate.verdict`)."""
-    return _recorded_selection(paper_dir, cell)[1]
-
-
 def _validated_by(paper_dir: pathlib.Path, cell: Cell) -> str | None:
     """How a recorded candidate's validation loss was estimated, from the config in its cell
     file: "plain N" (eqicl before the tail-aware selection), "tail-aware N (proposal)" with
@@ -1448,8 +1443,8 @@ def listing(
             if row["status"] == "skipped":
                 parts.append(f"{st.name}=not-needed")
                 continue
-            key = validation_key(stage_dir(paper_dir, st), cell)
-            rank = validation_rank(stage_dir(paper_dir, st), cell)
+            loss, rank = _recorded_selection(stage_dir(paper_dir, st), cell)  # one read
+            key = rank_key(rank, loss)
             mark = {SOUND: "", TAIL: "(tail)"}.get(rank, "(unsound)")
             parts.append(f"{st.name}={key[1]:.6g}{mark}")
             if key < best_key:  # the table's ranking: by rank, then the lower loss
