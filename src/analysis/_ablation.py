@@ -208,26 +208,22 @@ REMOVALS: dict[str, type[AbstractCoefficients]] = {
 # A test seed of its own (the table's are 2027 and 2028; training and selection use others).
 SEED = 2029
 FIELDS = ("study", "model", "layers", "noise", "variant", "paper", "plain", "plain_se")
-FIELDS += ("plain_max", "plain_top", "tail", "tail_se", "tail_top", "sequences", "weights")
+FIELDS += ("plain_max", "plain_top", "tail", "tail_se", "tail_max", "tail_top", "sequences")
+FIELDS += ("weights",)
 
 
 def _row(study, model, cell, variant, paper, est, sequences, weights) -> dict:
-    p, t = est["plain"], est["tail"]
-    g = "{:.6g}".format
+    from eqicl._score import estimate_columns
+
     return {
         "study": study,
         "model": model,
         "layers": cell.layers,
         "noise": cell.column,
         "variant": variant,
-        "paper": "" if paper is None else g(paper),
-        "plain": g(p["mean"]),
-        "plain_se": g(p["se"]),
-        "plain_max": g(p["max"]),
-        "plain_top": g(p["top_share"]),
-        "tail": g(t["mean"]),
-        "tail_se": g(t["se"]),
-        "tail_top": g(t["top_share"]),
+        "paper": "" if paper is None else f"{paper:.6g}",
+        **estimate_columns("plain", est["plain"]),
+        **estimate_columns("tail", est["tail"]),
         "sequences": sequences,
         "weights": weights,
     }

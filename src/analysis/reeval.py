@@ -19,9 +19,7 @@ applies the same test to the plain estimate.
 """
 
 import argparse
-import csv
 import math
-import os
 import pathlib
 import sys
 
@@ -105,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     import eqicl
+    from eqicl._files import write_csv_atomic
+    from eqicl._score import estimate_columns
     from eqicl.sweep import SweepError, parse_cells, read_table, weights_path
 
     paper_dir = pathlib.Path(args.paper_dir)
@@ -157,14 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                     "noise": c.column,
                     "paper": _g(paper),
                     "recorded": rec["exact"] if rec else "",
-                    "plain": _g(p["mean"]),
-                    "plain_se": _g(p["se"]),
-                    "plain_max": _g(p["max"]),
-                    "plain_top": _g(p["top_share"]),
-                    "tail": _g(t["mean"]),
-                    "tail_se": _g(t["se"]),
-                    "tail_max": _g(t["max"]),
-                    "tail_top": _g(t["top_share"]),
+                    **estimate_columns("plain", p),
+                    **estimate_columns("tail", t),
                     "tail_ess": f"{t['ess']:.0f}",
                     **{k: int(v) for k, v in judge(t, paper).items()},
                     "plain_holds": int(judge(p, paper)["holds"]),
@@ -172,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     bar_.close()
     stem.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stem.with_name(f".{stem.name}.csv.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, stem.with_suffix(".csv"))
+    write_csv_atomic(stem.with_suffix(".csv"), FIELDS, rows)
     text = report(rows, args)
     stem.with_suffix(".md").write_text(text)
     print(text, end="")

@@ -88,17 +88,23 @@ def _g(x: float) -> str:
     return f"{x:.6g}"
 
 
+def estimate_columns(prefix: str, est: dict) -> dict[str, str]:
+    """One estimate (a summary of `estimate_all`) as the four CSV columns every table of
+    eqicl writes: `<prefix>` (mean), `<prefix>_se`, `<prefix>_max` (largest per-sequence
+    loss) and `<prefix>_top` (share of the mean carried by the top 0.1 %)."""
+    return {
+        prefix: _g(est["mean"]),
+        f"{prefix}_se": _g(est["se"]),
+        f"{prefix}_max": _g(est["max"]),
+        f"{prefix}_top": _g(est["top_share"]),
+    }
+
+
 def score_columns(plain: dict, tail: dict, sequences: int, seed: int, digest: str) -> dict:
     """The `test*` columns of a row from the two estimates of its cell."""
     return {
-        "test": _g(plain["mean"]),
-        "test_se": _g(plain["se"]),
-        "test_max": _g(plain["max"]),
-        "test_top": _g(plain["top_share"]),
-        "test_tail": _g(tail["mean"]),
-        "test_tail_se": _g(tail["se"]),
-        "test_tail_max": _g(tail["max"]),
-        "test_tail_top": _g(tail["top_share"]),
+        **estimate_columns("test", plain),
+        **estimate_columns("test_tail", tail),
         "test_sequences": str(sequences),
         "test_seed": str(seed),
         "test_weights": digest,
