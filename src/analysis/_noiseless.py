@@ -12,8 +12,16 @@ So ½‖w^L − w_OLS‖² = ½ Σ_i (1 − t_L(e_i))² (v_iᵀw_τ)², whose me
 sequences (one eigendecomposition each), its gradient in the 2L coefficients is exact, and
 it shows the tension the issue names: a polynomial that is ~1 on the typical spectrum to
 1e-12 must grow fast outside it, where the rare sequences with a large λ_max are.
+
+The expectation itself (not a draw) is reached as eqicl's tail-aware estimate reaches it
+(SPEC §9): a mixture proposal scales the covariates by c_k, which scales every eigenvalue of
+Σ by c_k², and each sequence is weighted by f/q, a function of tr Σ = Σ_i e_i alone
+(`proposal_spectra`). The same weights make an objective of the expectation (`fit` with
+`log_weights`), so the trade-off between the typical draw and the expectation can be traced
+by fitting to a mixture of the two objectives (`tradeoff`).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -22,7 +30,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._probes import estimate
+from eqicl import Proposal, summarize
 
 
 def gdpp_remainder(
@@ -56,20 +64,51 @@ def spectra(key, sequences: int, d: int = 10, n: int = 20, chunk: int = 100_000)
     return np.concatenate(out)
 
 
+def proposal_spectra(
+    eigs: np.ndarray, proposal: Proposal, n: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """The spectra of `eigs` (plain N(0, I) contexts of n rows) as drawn by `proposal`: the
+    sequences of component k have their covariates scaled by c_k, so their eigenvalues by
+    c_k²; and each sequence's log f/q (`Proposal.log_weight`, from tr Σ). The noiseless loss
+    is already averaged over w_τ, so the proposal's w scales play no part (set to 1)."""
+    p = dataclasses.replace(proposal, w_scales=(1.0,) * len(proposal.shares))
+    batch, d = eigs.shape
+    c = np.asarray(p.scales(batch, jnp.float64)[0])
+    scaled = eigs * (c**2)[:, None]
+    log_w = p.log_weight(jnp.asarray(scaled.sum(-1)), jnp.zeros(batch, jnp.float64), n, d)
+    return scaled, np.asarray(log_w)
+
+
 _losses = jax.jit(expected_losses)
 
 
-def fit(coef0, eigs: np.ndarray, iterations: int = 500) -> tuple[np.ndarray, dict]:
-    """Coefficients minimizing log(mean loss) on the spectra `eigs`: L-BFGS-B (scipy) on the
-    exact gradient, each coefficient as coef0 · exp(θ) (signs kept, scales equalised)."""
+def fit(
+    coef0,
+    eigs: np.ndarray,
+    iterations: int = 500,
+    log_weights: np.ndarray | None = None,
+    alpha: float = 1.0,
+    plain: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Coefficients minimizing log(mean loss) on the spectra `eigs` (weighted by
+    exp(`log_weights`) if given: then the objective is the tail-aware estimate of the
+    expectation), or, with `plain` spectra too, log((1 − α)·mean on `plain` + α·that
+    estimate). L-BFGS-B (scipy) on the exact gradient, each coefficient as coef0 · exp(θ)
+    (signs kept, scales equalised)."""
     from scipy.optimize import minimize
 
     e, c0 = jnp.asarray(eigs), jnp.asarray(coef0, jnp.float64)
+    w = jnp.ones(e.shape[0]) if log_weights is None else jnp.exp(jnp.asarray(log_weights))
+    e0 = e[:1] if plain is None else jnp.asarray(plain)
+    a = 1.0 if plain is None else float(alpha)
 
     @jax.jit
     def value_grad(theta):
         def obj(t):
-            return jnp.log(jnp.mean(expected_losses(c0 * jnp.exp(t.reshape(c0.shape)), e)))
+            c = c0 * jnp.exp(t.reshape(c0.shape))
+            tail = jnp.mean(w * expected_losses(c, e))
+            typical = jnp.mean(expected_losses(c, e0))
+            return jnp.log(a * tail + (1.0 - a) * typical)
 
         return jax.value_and_grad(obj)(theta)
 
@@ -90,5 +129,8 @@ def fit(coef0, eigs: np.ndarray, iterations: int = 500) -> tuple[np.ndarray, dic
     return np.asarray(c0) * np.exp(res.x.reshape(c0.shape)), info
 
 
-def score(coef, eigs: np.ndarray) -> dict:
-    return estimate(np.asarray(_losses(jnp.asarray(coef), jnp.asarray(eigs))))
+def score(coef, eigs: np.ndarray, log_weights: np.ndarray | None = None) -> dict:
+    """`eqicl.summarize` of the per-sequence noiseless losses on `eigs` (importance-weighted
+    by exp(`log_weights`) if given), with their median."""
+    losses = np.asarray(_losses(jnp.asarray(coef), jnp.asarray(eigs)))
+    return summarize(losses, log_weights) | {"median": float(np.median(losses))}
