@@ -22,6 +22,7 @@ by fitting to a mixture of the two objectives (`tradeoff`).
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -82,6 +83,24 @@ def proposal_spectra(
 _losses = jax.jit(expected_losses)
 
 
+@functools.partial(jax.jit, static_argnums=5)
+def _value_grad(theta, c0, e, w, e0, a: float):
+    """The objective of `fit` and its gradient in θ. The spectra are arguments, not
+    constants closed over (XLA would fold them into every compiled fit); α is static, so a
+    term of weight 0 is left out rather than multiplied by a loss that may be inf."""
+
+    def obj(t):
+        c = c0 * jnp.exp(t.reshape(c0.shape))
+        total = 0.0
+        if a > 0:
+            total = total + a * jnp.mean(w * expected_losses(c, e))
+        if a < 1:
+            total = total + (1.0 - a) * jnp.mean(expected_losses(c, e0))
+        return jnp.log(total)
+
+    return jax.value_and_grad(obj)(theta)
+
+
 def fit(
     coef0,
     eigs: np.ndarray,
@@ -102,15 +121,8 @@ def fit(
     e0 = e[:1] if plain is None else jnp.asarray(plain)
     a = 1.0 if plain is None else float(alpha)
 
-    @jax.jit
     def value_grad(theta):
-        def obj(t):
-            c = c0 * jnp.exp(t.reshape(c0.shape))
-            tail = jnp.mean(w * expected_losses(c, e))
-            typical = jnp.mean(expected_losses(c, e0))
-            return jnp.log(a * tail + (1.0 - a) * typical)
-
-        return jax.value_and_grad(obj)(theta)
+        return _value_grad(theta, c0, e, w, e0, a)
 
     def fun(theta):
         v, g = value_grad(jnp.asarray(theta))
