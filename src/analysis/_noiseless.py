@@ -137,7 +137,7 @@ def fit(
         method="L-BFGS-B",
         options={"maxiter": iterations, "maxcor": 30, "ftol": 0.0, "gtol": 1e-10},
     )
-    info = {"iterations": int(res.nit), "message": str(res.message)}
+    info = {"iterations": int(res.nit), "message": str(res.message), "objective": float(res.fun)}
     return np.asarray(c0) * np.exp(res.x.reshape(c0.shape)), info
 
 
