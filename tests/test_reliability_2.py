@@ -203,17 +203,16 @@ def test_a_model_worse_than_trivial_is_suspect(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     line = next(line for line in out if line.startswith("SUSPECT: "))
     assert line.startswith("SUSPECT: the model's adjusted loss ")
-    # the diverged loss itself depends on the CPU's float rounding (lr = 10 is chaotic):
-    # check the form and that it is worse than predicting zero
-    import re
-
-    m = re.fullmatch(
-        r"SUSPECT: the model's adjusted loss (\S+) is worse than predicting zero \(1\.844\)", line
-    )
-    assert m is not None, line
-    assert float(m.group(1)) > 100 * 1.844
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["status"] == "suspect" and result["reason"] == line[len("SUSPECT: ") :]
+    # The diverged loss itself depends on the CPU's rounding (lr = 10 is chaotic: 4.545e4 on
+    # one CPU, 7.498e4 on another), so the line is checked exactly against the recorded loss.
+    loss = result["model"]["adjusted_exact"]["mean"]
+    assert loss > 100 * 1.844
+    assert (
+        line
+        == f"SUSPECT: the model's adjusted loss {loss:.4g} is worse than predicting zero (1.844)"
+    )
     assert result["model"]["adjusted_exact"]["mean"] > 100  # the numbers are kept
 
 

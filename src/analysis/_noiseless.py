@@ -18,7 +18,7 @@ The expectation itself (not a draw) is reached as eqicl's tail-aware estimate re
 Σ by c_k², and each sequence is weighted by f/q, a function of tr Σ = Σ_i e_i alone
 (`proposal_spectra`). The same weights make an objective of the expectation (`fit` with
 `log_weights`), so the trade-off between the typical draw and the expectation can be traced
-by fitting to a mixture of the two objectives (`tradeoff`).
+by fitting to a mixture of the two objectives (`python -m analysis.noiseless`).
 """
 
 import dataclasses

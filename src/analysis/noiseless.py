@@ -26,7 +26,6 @@ DIR/noiseless.png; DIR defaults to `<paper-dir>/noiseless`.
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -89,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     import eqicl
-    from bench.bench import cpu_model
     from eqicl._files import atomic_write
+    from eqicl._limits import machine_line
     from eqicl._score import weights_digest
     from eqicl.sweep import Cell, weights_path
 
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     result = {
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, float64",
+        "machine": machine_line(),
         "seed": args.seed,
         "typical_sequences": args.typical,
         "large_sequences": args.large,

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     families = [f for f in args.families.split(",") if f]
 
     from eqicl import setup_jax
+    from eqicl._limits import machine_line
 
     setup_jax()
     import eqicl
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sigma_range": task.sigma_range,
             },
             "seconds": round(time.perf_counter() - t0, 1),
-            "machine": "2-core AMD EPYC Zen 5 (CPU), float64",
+            "machine": machine_line(),
         }
         (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         plot_probes(name, result, out / f"{name}.png")

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sequences must be >= 1000, got {args.sequences}")
 
     from eqicl import setup_jax
+    from eqicl._limits import machine_line
 
     setup_jax()
     from ._theorems import (
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "theorem51_beyond": beyond,
         "theorem52": two,
         "seconds": round(seconds, 1),
-        "machine": "2-core AMD EPYC Zen 5 (CPU), float64",
+        "machine": machine_line(),
     }
     (out / "theorems.json").write_text(json.dumps(result, indent=1) + "\n")
     print(_summary(result))

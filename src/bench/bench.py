@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import time
 
 import jax
@@ -28,19 +27,9 @@ import optax
 
 import eqicl
 import eqicl.kernel
+from eqicl._limits import cpu_model
 
 D_IN, N_CTX, BATCH = 10, 20, 2048
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------------------

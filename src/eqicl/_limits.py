@@ -82,3 +82,25 @@ def _size(b: float | int) -> str:
             return f"{b:.3g} {unit}"
         b /= 1024
     raise AssertionError  # pragma: no cover
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else `platform.processor()`), for the machine
+    line beside measured figures."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_line(dtype: str = "float64") -> str:
+    """'<CPU model>, <N> cores, <dtype>': the machine beside a command's recorded figures."""
+    import os
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, {dtype}"
