@@ -987,6 +987,18 @@ def test_the_tables_score_is_what_reeval_finds_on_its_seed(swept, tmp_path):
         r = again[(row["method"], row["layers"], row["noise"])]
         assert float(r["plain"]) == float(row["test"])
         assert float(r["tail"]) == float(row["test_tail"])
+    # --recorded judges those recorded columns by the same rule, scoring nothing
+    rec = tmp_path / "rec"
+    assert reeval(["--paper-dir", str(paper), "--recorded", "--out", str(rec)]) == 0
+    with open(rec.with_suffix(".csv")) as f:
+        judged = {(r["method"], r["layers"], r["noise"]): r for r in csv.DictReader(f)}
+    assert judged.keys() == again.keys()
+    verdicts = ("plain", "plain_se", "tail", "tail_se", "tail_top", "below_bar", "precise")
+    for key, r in judged.items():
+        assert [r[k] for k in (*verdicts, "carried", "holds", "plain_holds")] == [
+            again[key][k] for k in (*verdicts, "carried", "holds", "plain_holds")
+        ]
+    assert "test seed 2027, 600 sequences" in rec.with_suffix(".md").read_text()
 
     def score(seed):
         return eqicl._score.score_table(paper, seed, 600, echo=lambda _: None, progress=False)
@@ -996,6 +1008,11 @@ def test_the_tables_score_is_what_reeval_finds_on_its_seed(swept, tmp_path):
     model, _ = eqicl.load_weights(weights_path(paper, cell))
     halved = jax.tree.map(lambda a: a * 0.5 if eqx.is_array(a) else a, model)
     eqicl.save_weights(halved, weights_path(paper, cell))
+    # a row scored for other weights is left out of --recorded, and said
+    assert reeval(["--paper-dir", str(paper), "--recorded", "--out", str(rec)]) == 0
+    with open(rec.with_suffix(".csv")) as f:
+        assert len(list(csv.DictReader(f))) == len(judged) - 1
+    assert f"changed since they were scored: {cell.name}" in rec.with_suffix(".md").read_text()
     assert score(2027) == 1
     assert read_table(paper / "table1.csv")[cell]["test"] != rows[cell]["test"]
     assert score(2028) == 4

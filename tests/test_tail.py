@@ -313,8 +313,16 @@ def test_reeval_scores_committed_weights_on_a_new_draw(tmp_path, capsys):
         (["--sequences", "1"], "--sequences must be"),
         (["--layers", "9"], "unknown layers"),
         (["--models", "full"], "no weights"),
+        (["--recorded"], "takes no --seed"),
     ):
         code = main([*args, *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    for bad, message in (
+        (["--paper-dir", str(paper)], "give --seed"),
+        (["--paper-dir", str(paper), "--recorded"], "no scored cells"),  # weights, no table
+    ):
+        code = main(bad)
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 

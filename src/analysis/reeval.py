@@ -16,6 +16,12 @@ A cell *holds* when the tail-aware estimate is at most the paper's value plus ma
 0.002), its standard error at most 5 % of it (or 0.0002), and no few sequences carry it (the
 top 0.1 % carries less than half the mean, or the largest loss is below 0.5); `plain_holds`
 applies the same test to the plain estimate.
+
+`--recorded` scores nothing: it judges the `test*` columns that the sweep's last step wrote
+into `<paper-dir>/table1.csv` (`eqicl._score.score_table`, test seed 2027 by default) by the
+same rule, and writes `<paper-dir>/reeval/recorded-seed<S>-n<N>.{csv,md}`. A row whose
+weights changed since it was scored is left out and said (its score is of other weights); a
+table kept without its weights (an archived rerun) is judged as recorded, and says so.
 """
 
 import argparse
@@ -74,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "tail-aware estimates) and write the comparison with the paper.",
     )
     parser.add_argument("--paper-dir", default="runs/paper", help="default runs/paper")
-    parser.add_argument("--seed", type=int, required=True, help="the test seed (pick a new one)")
+    parser.add_argument("--seed", type=int, default=None, help="the test seed (pick a new one)")
+    parser.add_argument(
+        "--recorded",
+        action="store_true",
+        help="score nothing: judge the test columns table1.csv holds (the sweep's own score)",
+    )
     parser.add_argument(
         "--sequences", type=int, default=1_000_000, help="per estimate and cell (1,000,000)"
     )
@@ -85,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output stem (default <paper-dir>/reeval/…)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.recorded:
+        if args.seed is not None:
+            print(
+                "error: --recorded judges the recorded score; it takes no --seed", file=sys.stderr
+            )
+            return 2
+        return recorded_main(args)
+    if args.seed is None:
+        print("error: give --seed S (a new test seed) or --recorded", file=sys.stderr)
+        return 2
     for bad, message in (
         (
             not (2 <= args.sequences <= 10**9),
@@ -103,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     import eqicl
-    from eqicl._files import write_csv_atomic
     from eqicl._score import estimate_columns
     from eqicl.sweep import SweepError, parse_cells, read_table, weights_path
 
@@ -165,16 +185,106 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     bar_.close()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(stem.with_suffix(".csv"), FIELDS, rows)
-    text = report(rows, args)
-    stem.with_suffix(".md").write_text(text)
-    print(text, end="")
-    print(f"wrote {stem}.csv and {stem}.md")
+    _write(stem, rows, report(rows, args.seed, args.sequences))
     return 0
 
 
-def report(rows: list[dict], args) -> str:
+def _write(stem: pathlib.Path, rows: list[dict], text: str) -> None:
+    from eqicl._files import write_csv_atomic, write_text_atomic
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(stem.with_suffix(".csv"), FIELDS, rows)
+    write_text_atomic(stem.with_suffix(".md"), text)
+    print(text, end="")
+    print(f"wrote {stem}.csv and {stem}.md")
+
+
+def _estimate(row: dict, prefix: str) -> dict:
+    """A recorded estimate's four columns as the summary `judge` reads."""
+    mean = float(row[prefix])
+    return {
+        "mean": mean,
+        "se": float(row[f"{prefix}_se"]),
+        "max": float(row[f"{prefix}_max"]),
+        "top_share": float(row[f"{prefix}_top"]),
+        "finite": math.isfinite(mean),
+    }
+
+
+def recorded_main(args) -> int:
+    """`--recorded`: the verdicts on the score table1.csv holds (module docstring)."""
+    from eqicl._score import weights_digest
+    from eqicl.sweep import SweepError, parse_cells, read_table, weights_path
+
+    paper_dir = pathlib.Path(args.paper_dir)
+    try:
+        cells = set(parse_cells(args.models, args.layers, args.noise))
+        table = read_table(paper_dir / "table1.csv")
+    except (SweepError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scored = {c: r for c, r in table.items() if c in cells and r.get("test_seed")}
+    if not scored:
+        print(f"error: no scored cells of the selection in {paper_dir}/table1.csv", file=sys.stderr)
+        return 2
+    draws = {(r["test_seed"], r["test_sequences"]) for r in scored.values()}
+    if len(draws) > 1:
+        print(
+            f"error: the selected rows were scored on different draws {sorted(draws)}; "
+            "select fewer cells",
+            file=sys.stderr,
+        )
+        return 2
+    ((seed, sequences),) = draws
+
+    absent = [c for c in scored if not weights_path(paper_dir, c).is_file()]
+    stale = [
+        c
+        for c in scored
+        if c not in absent
+        and weights_digest(weights_path(paper_dir, c)) != scored[c]["test_weights"]
+    ]
+    rows = []
+    for cell, r in scored.items():
+        if cell in stale:
+            continue
+        plain, tail = _estimate(r, "test"), _estimate(r, "test_tail")
+        paper = float(r["paper"])
+        rows.append(
+            {
+                "method": r["method"],
+                "layers": r["layers"],
+                "noise": r["noise"],
+                "paper": r["paper"],
+                "recorded": r["exact"],
+                **{f"plain{s}": r[f"test{s}"] for s in ("", "_se", "_max", "_top")},
+                **{f"tail{s}": r[f"test_tail{s}"] for s in ("", "_se", "_max", "_top")},
+                "tail_ess": "",
+                **{k: int(v) for k, v in judge(tail, paper).items()},
+                "plain_holds": int(judge(plain, paper)["holds"]),
+            }
+        )
+    text = report(rows, int(seed), int(sequences), recorded=True)
+    if absent:
+        text += (
+            f"\nNot checked against their weights (no weights file under {paper_dir}/weights): "
+            f"{len(absent)} cells\n"
+        )
+    if stale:
+        text += (
+            f"\nLeft out, their weights changed since they were scored: "
+            f"{', '.join(c.name for c in sorted(stale, key=lambda c: c.name))}\n"
+        )
+    stem = (
+        pathlib.Path(args.out)
+        if args.out
+        else paper_dir / "reeval" / f"recorded-seed{seed}-n{sequences}"
+    )
+    _write(stem, rows, text)
+    return 0
+
+
+def report(rows: list[dict], seed: int, sequences: int, recorded: bool = False) -> str:
     """The markdown summary: counts, then the cells that do not hold, worst first."""
     n = len(rows)
     count = {k: sum(int(r[k]) for r in rows) for k in ("below_bar", "precise", "carried", "holds")}
@@ -184,7 +294,8 @@ def report(rows: list[dict], args) -> str:
         if math.isfinite(float(r["plain"])) and float(r["plain"]) <= bar(float(r["paper"]))
     )
     lines = [
-        f"# Table 1 weights on test seed {args.seed}, {args.sequences:,} sequences per estimate",
+        f"# Table 1 weights on test seed {seed}, {sequences:,} sequences per estimate"
+        + (" (the score table1.csv records)" if recorded else ""),
         "",
         f"- cells: {n}; **hold: {count['holds']}** (tail-aware estimate ≤ paper + max(10 %, "
         "0.002), se ≤ 5 % or 0.0002, not carried by a few sequences)",
