@@ -119,7 +119,22 @@ def test_eval_json_records_the_evaluated_step(tmp_path):
     with _like_the_cli():
         result = _run.finish(config, path, state, echo=lambda _: None)
     assert result["status"] == "ok" and result["checkpoint"] == 40
-    assert json.loads((path / "eval.json").read_text())["checkpoint"] == 40
+    recorded = json.loads((path / "eval.json").read_text())
+    assert recorded["checkpoint"] == 40
+    assert recorded["machine"] == _limits.machine_line(config.train.dtype)  # beside its times
+
+
+def test_the_machine_line_names_the_vector_unit(tmp_path):
+    """A bare "AMD EPYC" gains its family, model and widest vector unit (a masked AVX-512
+    changes the kernel's speed severalfold); a CPU without those fields keeps its name."""
+    block = "processor\t: {i}\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n"
+    for flags, simd in (("fma avx avx2", "AVX2"), ("avx avx2 avx512f avx512bw", "AVX-512")):
+        info = tmp_path / "cpuinfo"
+        info.write_text("".join(block.format(i=i) + f"flags\t\t: {flags}\n\n" for i in (0, 1)))
+        assert _limits.cpu_model(str(info)) == f"AMD EPYC (family 25 model 17, {simd})"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nmodel name\t: Neoverse-V2\nFeatures\t: fp asimd sve\n")
+    assert _limits.cpu_model(str(arm)) == "Neoverse-V2"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from ._files import (
     stderr_warning,
     write_json_atomic,
 )
-from ._limits import check_resources
+from ._limits import check_resources, machine_line
 from ._model import LinearTransformer
 from ._paper import BASELINE_NAMES, MODEL_ROWS
 from ._parallel import (
@@ -738,6 +738,8 @@ def finish(
     extra = {
         "selection": selection,
         "train_seconds": _train_seconds(path / "metrics.jsonl"),
+        # The machine the times above were taken on (a resumed run: where it finished).
+        "machine": machine_line(tc.dtype),
         "steps": tc.steps,
         "checkpoint": int(state.step[0]),
     }

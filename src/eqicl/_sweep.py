@@ -509,6 +509,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
                     k: result["profile"][k] for k in ("sigma", "sequences", "model", "model_se")
                 },
                 "selection": result.get("selection"),
+                "machine": result.get("machine"),
                 **({"seed_losses": result["seed_losses"]} if "seed_losses" in result else {}),
             },
             indent=1,
