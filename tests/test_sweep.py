@@ -430,6 +430,26 @@ def test_one_command_runs_every_stage_and_the_table(swept, capsys):
         assert [f.split("=")[0] for f in fields[1:4]] == ["cold", "warm", "polish"]
         assert main([*args, "--list", "--models", "gdpp", "--noise", "0", "--seeds", "2"]) == 0
         assert capsys.readouterr().out.strip().endswith("(asked now: cold.seeds=2 warm.seeds=2)")
+        # --cost: per stage, the recorded rows' seconds summed, and the machine they name
+        assert main([*args, "--cost"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == ["cold", "warm", "polish", "all"]
+        total = 0.0
+        for line, st in zip(lines, SMALL_RECIPE.stages):
+            store = paper / "candidates" / st.name
+            recorded = read_table(store / "table1.csv")
+            train = sum(float(r["train_seconds"]) for r in recorded.values())
+            select = sum(
+                json.loads((store / "cells" / f"{c.name}.json").read_text())["select_seconds"]
+                for c in recorded
+            )
+            evals = sum(float(r["eval_seconds"]) for r in recorded.values())
+            assert line.startswith(f"{st.name:<8} {len(recorded):>4} of 4 cells recorded;")
+            assert f"train {train:,.0f} s, validation {select:,.0f} s, eval {evals:,.0f} s" in line
+            machine = eqicl._limits.machine_line("float64" if st.name == "polish" else "float32")
+            assert line.endswith(f"({machine}: {len(recorded)})")
+            total += train + select + evals
+        assert lines[-1].endswith(f"{total:,.0f} s in all")
         # the run directories hold runs of one seed: nothing runs, nothing is written
         files = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
         assert main([*args, "--force", "--seeds", "2"]) == 2

@@ -722,7 +722,9 @@ def finish(
     tc = config.train
     eval_path = path / "eval.json"
     # The selection samples in the evaluation dtype; the model must match it (strict promotion).
+    t_select = time.perf_counter()
     estimates = select_estimates(cast(state.model, eval_dtype()), config)
+    select_seconds = time.perf_counter() - t_select
     keys = selection_keys(estimates)
     losses = np.asarray([loss for _, loss in keys], np.float64)
     gave_up = np.asarray(state.rollbacks) > tc.max_rollbacks
@@ -738,7 +740,8 @@ def finish(
     extra = {
         "selection": selection,
         "train_seconds": _train_seconds(path / "metrics.jsonl"),
-        # The machine the times above were taken on (a resumed run: where it finished).
+        "select_seconds": select_seconds,  # the seeds' validation, before eval_seconds
+        # The machine the times here were taken on (a resumed run: where it finished).
         "machine": machine_line(tc.dtype),
         "steps": tc.steps,
         "checkpoint": int(state.step[0]),

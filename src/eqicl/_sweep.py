@@ -37,6 +37,7 @@ from ._evaluate import (
     verdict,
 )
 from ._files import write_csv_atomic, write_json_atomic
+from ._limits import machine_line
 from ._paper import BASELINE_ROWS, MODEL_ROWS, paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
@@ -510,6 +511,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
                 },
                 "selection": result.get("selection"),
                 "machine": result.get("machine"),
+                "select_seconds": result.get("select_seconds"),
                 **({"seed_losses": result["seed_losses"]} if "seed_losses" in result else {}),
             },
             indent=1,
@@ -1109,11 +1111,13 @@ def _polish_stage(
                 if path.is_file():
                     candidates.append(start_model(path, config, eval_dtype()))
                     names.append(start_name(path))
+            t_select = time.perf_counter()
             estimates = select_estimates(_stack(candidates), config)
             keys = selection_keys(estimates)
             losses = np.asarray([loss for _, loss in keys], np.float64)
             best = min(range(len(keys)), key=lambda k: keys[k])  # by rank, then the loss
-            train_seconds = time.perf_counter() - t0
+            select_seconds = time.perf_counter() - t_select
+            train_seconds = t_select - t0
             t1 = time.perf_counter()
             result: dict[str, Any] = evaluate(
                 candidates[best], config, baselines=False, test_cache=test_cache
@@ -1132,7 +1136,12 @@ def _polish_stage(
                     weights_path(store, cell),
                     select_loss=float(losses[best]),
                 )
-            result.update(selection=selection, train_seconds=train_seconds)
+            result.update(
+                selection=selection,
+                train_seconds=train_seconds,
+                select_seconds=select_seconds,
+                machine=machine_line(),
+            )
             row = record_cell(store, cell, config, result)
             out.append(row)
             msg = (
@@ -1406,6 +1415,59 @@ def assemble(
         echo("no candidates recorded yet")
         return {}
     return merge([d.parent for d in dirs], paper_dir, echo)
+
+
+def costs(
+    cells: Sequence[Cell], paper_dir: pathlib.Path, recipe: Recipe | None = None
+) -> list[str]:
+    """What the recorded candidates of `cells` cost, one line per stage then the sum: how
+    many cells it recorded (and how many it has still to run or found not needed), the
+    training, validation (the seeds' selection) and evaluation seconds summed (each one
+    process's wall time, so on N parallel processes the wall time is about the sum over N),
+    and the machines its cells' records name. What a run resumed across sessions cost in
+    all, where the wall time of its last invocation says only what that one did. Reads only."""
+    recipe = recipe or RECIPE
+    lines = []
+    total = [0, 0.0, 0.0, 0.0]
+    for st in recipe.stages:
+        store = stage_dir(paper_dir, st)
+        rows = read_table(store / "table1.csv")
+        covered = [c for c in cells if recipe.covers(st, c)]
+        done = [c for c in covered if c in rows and rows[c]["status"] != "skipped"]
+        skipped = sum(1 for c in covered if c in rows and rows[c]["status"] == "skipped")
+        train = sum(float(rows[c]["train_seconds"] or 0) for c in done)
+        evals = sum(float(rows[c]["eval_seconds"] or 0) for c in done)
+        machines: dict[str, int] = {}
+        select, unselected = 0.0, 0
+        for c in done:
+            path = store / "cells" / f"{c.name}.json"
+            record = json.loads(path.read_text()) if path.is_file() else {}
+            name = record.get("machine") or "machine not recorded"
+            machines[name] = machines.get(name, 0) + 1
+            if record.get("select_seconds") is None:
+                unselected += 1
+            else:
+                select += float(record["select_seconds"])
+        left = len(covered) - len(done) - skipped
+        lines.append(
+            f"{st.name:<8} {len(done):>4} of {len(covered)} cells recorded"
+            + (f", {skipped} not needed" if skipped else "")
+            + (f", {left} to run" if left else "")
+            + f"; train {train:,.0f} s, validation {select:,.0f} s"
+            + (f" (not recorded for {unselected})" if unselected else "")
+            + f", eval {evals:,.0f} s"
+            + (
+                " (" + "; ".join(f"{n}: {k}" for n, k in sorted(machines.items())) + ")"
+                if machines
+                else ""
+            )
+        )
+        total = [total[0] + len(done), total[1] + train, total[2] + select, total[3] + evals]
+    lines.append(
+        f"{'all':<8} {total[0]:>4} candidates; train {total[1]:,.0f} s, validation "
+        f"{total[2]:,.0f} s, eval {total[3]:,.0f} s, {sum(total[1:]):,.0f} s in all"
+    )
+    return lines
 
 
 def listing(

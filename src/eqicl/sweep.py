@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --shard: how long in all a cell may wait for inputs another shard makes "
         "(0: cells whose inputs are not recorded yet are left for a later run)",
     )
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="what the recorded candidates of the asked cells cost: per stage, cells, training "
+        "and evaluation seconds summed over them (one process each), the machines they were "
+        "recorded on; runs and writes nothing",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_jax()
     from ._config import ConfigError
     from ._run import RunDirError
-    from ._sweep import listing, parse_shard, run_recipe
+    from ._sweep import costs, listing, parse_shard, run_recipe
 
     try:
         if args.seeds is not None and args.seeds < 1:
@@ -149,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         paper_dir = pathlib.Path(args.paper_dir)
         if paper_dir.exists() and not paper_dir.is_dir():
             raise SweepError(f"--paper-dir {paper_dir} is not a directory")
+        if args.cost:
+            for line in costs(cells, paper_dir):
+                print(line)
+            return 0
         if args.list:
             if shard is not None:  # the cells this shard owns
                 from ._sweep import shard_cells
