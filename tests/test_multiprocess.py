@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import eqicl
+from eqicl._run import TIMING_KEYS
 
 SRC = str(pathlib.Path(eqicl.__file__).resolve().parents[1])
 TIMEOUT = 300  # seconds for one launch; a tiny run takes well under a minute on 2 cores
@@ -124,7 +125,7 @@ def _relative(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     )
 
 
-def _numbers(tree, skip=("train_seconds", "eval_seconds")) -> list[float]:
+def _numbers(tree, skip=TIMING_KEYS) -> list[float]:
     """Every number of an eval.json in a fixed order (timings left out)."""
     if isinstance(tree, dict):
         return [v for k in sorted(tree) if k not in skip for v in _numbers(tree[k])]

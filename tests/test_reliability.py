@@ -79,7 +79,7 @@ def _arrays(run_dir, config) -> list[np.ndarray]:
 def _result(run_dir) -> str:
     """eval.json without its timings, as text (NaN-safe comparison)."""
     data = json.loads((pathlib.Path(run_dir) / "eval.json").read_text())
-    for key in ("train_seconds", "eval_seconds"):
+    for key in _run.TIMING_KEYS:
         data.pop(key, None)
     return json.dumps(data, sort_keys=True)
 

@@ -435,7 +435,7 @@ def test_one_command_runs_every_stage_and_the_table(swept, capsys):
         lines = capsys.readouterr().out.splitlines()
         assert [line.split()[0] for line in lines] == ["cold", "warm", "polish", "all"]
         total = 0.0
-        for line, st in zip(lines, SMALL_RECIPE.stages):
+        for line, st in zip(lines[:-1], SMALL_RECIPE.stages, strict=True):
             store = paper / "candidates" / st.name
             recorded = read_table(store / "table1.csv")
             train = sum(float(r["train_seconds"]) for r in recorded.values())

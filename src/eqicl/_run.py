@@ -316,6 +316,10 @@ def _truncate_metrics_for_rollback(path: pathlib.Path, step: int) -> None:
     _write_lines(path, [line for line, r in _read_lines(path) if r["step"] <= step])
 
 
+# The keys of eval.json that are timings: they differ between two runs of the same config.
+TIMING_KEYS = ("train_seconds", "select_seconds", "eval_seconds")
+
+
 def _train_seconds(metrics_path: pathlib.Path) -> float:
     return float(sum(r.get("seconds", 0.0) for _, r in _read_lines(metrics_path)))
 
