@@ -2,9 +2,10 @@
 // statistics (eqicl/_fast.py states why that is exact), as an XLA FFI custom call.
 //
 // XLA-CPU runs batches of 11×11 products at a few GFLOP/s; here a tile of V sequences (one
-// SIMD register's worth: 16 float32 or 8 float64) is processed at once, every D×D matrix held
-// as D·D vectors of V lanes, so each multiply-add is one vector FMA over V sequences, and the
-// whole forward and backward pass of a tile stays in L1/L2 cache. Tiles are split across
+// SIMD register's worth: 16 float32 or 8 float64 with AVX-512, half that with AVX2) is
+// processed at once, every D×D matrix held as D·D vectors of V lanes, so each multiply-add
+// is one vector FMA over V sequences, and the whole forward and backward pass of a tile stays
+// in L1/L2 cache. Tiles are split across
 // threads. No fast-math: results equal the XLA formulation up to round-off (and FMA
 // contraction).
 //
@@ -32,10 +33,29 @@ namespace {
 
 // A tile's D×D matrices are stored padded to DP (a multiple of 12, zeros outside D×D), as
 // m[(i * DP + j) * V + v]: V lanes (sequences) per entry, one SIMD register.
+//
+// One lane vector is one SIMD register of the target: 64 bytes with AVX-512, 32 with AVX and
+// AVX2, 16 otherwise. (A 64-byte vector on an AVX2 target is lowered piecewise, which made
+// the whole kernel several times slower there.) The register block of `mm` fits the target's
+// register file: 3×4 accumulators of 32 registers, 2×4 of 16.
+#if defined(__AVX512F__)
+#define EQICL_VB 64
+#define EQICL_R 3
+#define EQICL_Q 4
+#elif defined(__AVX__)
+#define EQICL_VB 32
+#define EQICL_R 2
+#define EQICL_Q 4
+#else
+#define EQICL_VB 16
+#define EQICL_R 2
+#define EQICL_Q 4
+#endif
+
 template <typename T>
 struct Vec {
-  static constexpr int V = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
+  static constexpr int V = EQICL_VB / sizeof(T);
+  typedef T type __attribute__((vector_size(EQICL_VB)));
 };
 
 template <typename T>
@@ -60,26 +80,27 @@ Mat<T> N(const T* p, int dp) { return {p, dp, 1}; }
 template <typename T>
 Mat<T> Tr(const T* p, int dp) { return {p, 1, dp}; }
 
-// C (+)= A B per lane, 3×4 blocks of C held in registers (DP is a multiple of 3 and of 4).
+// C (+)= A B per lane, EQICL_R×EQICL_Q blocks of C held in registers (DP, a multiple of 12,
+// is one of both). Every entry of C sums over j in the same order whatever the block.
 template <typename T>
 void mm(T* __restrict c, Mat<T> a, Mat<T> b, int dp, bool add) {
   constexpr int V = Vec<T>::V;
   using vt = typename Vec<T>::type;
-  for (int i0 = 0; i0 < dp; i0 += 3)
-    for (int k0 = 0; k0 < dp; k0 += 4) {
-      vt acc[3][4];
-      for (int r = 0; r < 3; ++r)
-        for (int q = 0; q < 4; ++q)
+  for (int i0 = 0; i0 < dp; i0 += EQICL_R)
+    for (int k0 = 0; k0 < dp; k0 += EQICL_Q) {
+      vt acc[EQICL_R][EQICL_Q];
+      for (int r = 0; r < EQICL_R; ++r)
+        for (int q = 0; q < EQICL_Q; ++q)
           acc[r][q] = add ? load(c + ((i0 + r) * dp + k0 + q) * V) : vt{} ;
       for (int j = 0; j < dp; ++j) {
-        vt x[3], y[4];
-        for (int r = 0; r < 3; ++r) x[r] = load(a.p + ((i0 + r) * a.si + j * a.sj) * V);
-        for (int q = 0; q < 4; ++q) y[q] = load(b.p + (j * b.si + (k0 + q) * b.sj) * V);
-        for (int r = 0; r < 3; ++r)
-          for (int q = 0; q < 4; ++q) acc[r][q] += x[r] * y[q];
+        vt x[EQICL_R], y[EQICL_Q];
+        for (int r = 0; r < EQICL_R; ++r) x[r] = load(a.p + ((i0 + r) * a.si + j * a.sj) * V);
+        for (int q = 0; q < EQICL_Q; ++q) y[q] = load(b.p + (j * b.si + (k0 + q) * b.sj) * V);
+        for (int r = 0; r < EQICL_R; ++r)
+          for (int q = 0; q < EQICL_Q; ++q) acc[r][q] += x[r] * y[q];
       }
-      for (int r = 0; r < 3; ++r)
-        for (int q = 0; q < 4; ++q) store(c + ((i0 + r) * dp + k0 + q) * V, acc[r][q]);
+      for (int r = 0; r < EQICL_R; ++r)
+        for (int q = 0; q < EQICL_Q; ++q) store(c + ((i0 + r) * dp + k0 + q) * V, acc[r][q]);
     }
 }
 

@@ -3,9 +3,9 @@ XLA FFI custom call, compiled on first use with the system C++ compiler.
 
 The kernel computes exactly what `eqicl._fast.final_weights` / `layer_weights` compute (the
 tests compare them in float64), about an order of magnitude faster on CPU, because it runs a
-tile of 16 (float32) or 8 (float64) sequences per SIMD instruction and keeps a tile's whole
-forward and backward pass in cache, where XLA-CPU runs batches of 11×11 products at a few
-GFLOP/s.
+tile of one SIMD register's sequences per instruction (16 float32 or 8 float64 with
+AVX-512, half that with AVX2) and keeps a tile's whole forward and backward pass in cache,
+where XLA-CPU runs batches of 11×11 products at a few GFLOP/s.
 
 It is used only where it applies: on the CPU backend, on a single device, when it compiled.
 Everything else (GPUs, a device mesh, no compiler, `EQICL_KERNEL=off`) runs the XLA
