@@ -1442,7 +1442,9 @@ def costs(
         for c in done:
             path = store / "cells" / f"{c.name}.json"
             record = json.loads(path.read_text()) if path.is_file() else {}
-            name = record.get("machine") or "machine not recorded"
+            name = record.get("machine") or (
+                "machine not recorded" if record else "no cell record (not ok)"
+            )
             machines[name] = machines.get(name, 0) + 1
             if record.get("select_seconds") is None:
                 unselected += 1
