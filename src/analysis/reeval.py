@@ -170,20 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             p, t = est[c.name]["plain"], est[c.name]["tail"]
             paper = table[(c.row, c.layers, c.column)]
             rec = recorded.get(c)
-            rows.append(
-                {
-                    "method": c.row,
-                    "layers": c.layers,
-                    "noise": c.column,
-                    "paper": _g(paper),
-                    "recorded": rec["exact"] if rec else "",
-                    **estimate_columns("plain", p),
-                    **estimate_columns("tail", t),
-                    "tail_ess": f"{t['ess']:.0f}",
-                    **{k: int(v) for k, v in judge(t, paper).items()},
-                    "plain_holds": int(judge(p, paper)["holds"]),
-                }
-            )
+            columns = {**estimate_columns("plain", p), **estimate_columns("tail", t)}
+            rec_exact = rec["exact"] if rec else ""
+            rows.append(_row(c, _g(paper), rec_exact, columns, f"{t['ess']:.0f}", p, t, paper))
     bar_.close()
     _write(stem, rows, report(rows, args.seed, args.sequences))
     return 0
@@ -197,6 +186,22 @@ def _write(stem: pathlib.Path, rows: list[dict], text: str) -> None:
     write_text_atomic(stem.with_suffix(".md"), text)
     print(text, end="")
     print(f"wrote {stem}.csv and {stem}.md")
+
+
+def _row(cell, paper_text, recorded, columns, ess, plain, tail, paper) -> dict:
+    """One CSV row: the cell, the paper's value, the recorded one, both estimates' columns
+    and the verdicts `judge` gives them (one place for a fresh score and a recorded one)."""
+    return {
+        "method": cell.row,
+        "layers": cell.layers,
+        "noise": cell.column,
+        "paper": paper_text,
+        "recorded": recorded,
+        **columns,
+        "tail_ess": ess,
+        **{k: int(v) for k, v in judge(tail, paper).items()},
+        "plain_holds": int(judge(plain, paper)["holds"]),
+    }
 
 
 def _estimate(row: dict, prefix: str) -> dict:
@@ -249,21 +254,11 @@ def recorded_main(args) -> int:
         if cell in stale:
             continue
         plain, tail = _estimate(r, "test"), _estimate(r, "test_tail")
-        paper = float(r["paper"])
-        rows.append(
-            {
-                "method": r["method"],
-                "layers": r["layers"],
-                "noise": r["noise"],
-                "paper": r["paper"],
-                "recorded": r["exact"],
-                **{f"plain{s}": r[f"test{s}"] for s in ("", "_se", "_max", "_top")},
-                **{f"tail{s}": r[f"test_tail{s}"] for s in ("", "_se", "_max", "_top")},
-                "tail_ess": "",
-                **{k: int(v) for k, v in judge(tail, paper).items()},
-                "plain_holds": int(judge(plain, paper)["holds"]),
-            }
-        )
+        columns = {
+            **{f"plain{s}": r[f"test{s}"] for s in ("", "_se", "_max", "_top")},
+            **{f"tail{s}": r[f"test_tail{s}"] for s in ("", "_se", "_max", "_top")},
+        }
+        rows.append(_row(cell, r["paper"], r["exact"], columns, "", plain, tail, float(r["paper"])))
     text = report(rows, int(seed), int(sequences), recorded=True)
     if absent:
         text += (
