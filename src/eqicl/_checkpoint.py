@@ -42,6 +42,9 @@ def _ocp():
 
     if not isinstance(sys.unraisablehook, _QuietClosedLoop):
         sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietDamagedRead) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_QuietDamagedRead())
     return ocp
 
 
@@ -58,6 +61,22 @@ class _QuietClosedLoop:
         e = unraisable.exc_value
         if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
             self.previous(unraisable)
+
+
+class _QuietDamagedRead(logging.Filter):
+    """Drops asyncio's 'Future exception was never retrieved' record when the exception is
+    tensorstore's (its message carries a `tensorstore_spec`): reading a damaged checkpoint
+    fails in several of orbax's futures at once, orbax retrieves the first, and whether the
+    others' are logged when they are garbage-collected depends on when that happens; the
+    failure itself is handled and reported in one line. Every other asyncio record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        e = record.exc_info[1] if record.exc_info else None
+        return not (
+            str(record.msg).startswith(("Future exception", "Task exception"))
+            and e is not None
+            and "tensorstore_spec" in str(e)
+        )
 
 
 def skeleton(config: Config) -> TrainState:
