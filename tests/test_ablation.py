@@ -153,7 +153,7 @@ def test_the_command_at_test_time_on_the_committed_weights(tmp_path, capsys):
     assert both[:5] == rows and {r["layers"] for r in both[5:]} == {"2"} and len(both) == 10
     for bad, message in (
         (["--sequences", "1"], "--sequences must be in [2, 1e9]"),
-        (["--steps", "5"], "--steps and --set are for --train"),
+        (["--steps", "5"], "--steps and --set are for --train and --recipe"),
         (["--layers", "9"], "unknown layers"),
     ):
         assert main([*args, *bad]) == 2
@@ -195,3 +195,96 @@ def test_a_variant_refuses_what_it_cannot_hold(cls):
             cls.embed(_diag().layers, jr.key(0), 0.0, F64)
     with pytest.raises(eqicl.ConfigError, match="one row"):
         cls.init_arrays(jr.key(0), 2, 4, 0.1, None, F64)
+
+
+SMALL = [
+    "train.steps=20",
+    "train.steps_per_call=10",
+    "train.checkpoint_every=10",
+    "train.batch=32",
+    "train.select_sequences=64",
+    "eval.sequences=400",
+    "eval.tune_sequences=400",
+    "eval.chunk=400",
+    "eval.profile_points=3",
+    "eval.profile_sequences=50",
+]
+
+
+def test_the_variants_are_sweep_cells_of_their_own_lineup(tmp_path):
+    """The variants as a lineup of the sweep: narrowest first, each starting from what it
+    embeds (both removed → each one removed → the free one), trained like DIAG (its rate and
+    steps, the paper's DIAG value beside them); run through a cold and a warm stage, their
+    rows read back as their cells and their weights load as their classes, a fixed
+    coefficient still exactly 0."""
+    from eqicl._sweep import Recipe, Train, cell_config, narrower_kinds, parse_cells
+    from eqicl.sweep import Cell, read_table, run_recipe, weights_path
+
+    assert ab.LINEUP.kinds == ("diag4-neither", "diag4-no-rescaling", "diag4-no-momentum", "diag4")
+    assert narrower_kinds("diag4-no-momentum") == ["diag4-neither"]
+    assert narrower_kinds("diag4") == ["diag4-neither", "diag4-no-rescaling", "diag4-no-momentum"]
+    assert narrower_kinds("diag") == ["gdpp"]  # Table 1's lineup as it was
+    config = cell_config(Cell("diag4-no-rescaling", 6, "5"), None, None)
+    diag = cell_config(Cell("diag", 6, "5"), None, None)
+    assert config.model.kind == "diag4-no-rescaling" and config.train == diag.train
+    with pytest.raises(eqicl.sweep.SweepError, match="unknown model 'diag4'"):
+        parse_cells("diag4", "1", "0")  # not a Table 1 model
+    cells = parse_cells("diag4-neither,diag4-no-momentum", "1", "0", lineup=ab.LINEUP)
+    recipe = Recipe(
+        (Train("cold", max_layers="1"), Train("warm", warm=True, starts_from=("cold",)))
+    )
+    paper = tmp_path / "paper"
+    # In 20 steps the coefficient variants need a higher rate than DIAG's to end better than
+    # one GD step (else the cell is "suspect" and records no weights to start from).
+    extra = [*SMALL, "train.lr=0.2"]
+    run_recipe(
+        cells,
+        paper,
+        tmp_path / "runs",
+        extra=extra,
+        echo=lambda _: None,
+        progress=False,
+        recipe=recipe,
+        test_sequences=0,
+    )
+    want = eqicl.paper_table()[("DIAG", 1, "0")]
+    for stage in ("cold", "warm"):
+        rows = read_table(paper / "candidates" / stage / "table1.csv")
+        assert sorted(rows) == sorted(cells) and {r["status"] for r in rows.values()} == {"ok"}
+        assert [rows[c]["method"] for c in cells] == ["DIAG-4, w_xy ≡ w_yy ≡ 0", "DIAG-4, w_xy ≡ 0"]
+        assert all(abs(float(r["paper"]) - want) < 1e-5 * want for r in rows.values())
+    warm = read_table(paper / "candidates" / "warm" / "table1.csv")
+    assert warm[cells[0]]["init"] == "gd"  # both removed, 1 layer: nothing narrower
+    # no momentum: from both removed (the better of its cold and warm candidates)
+    assert warm[cells[1]]["init"] in {"cold/diag4-neither-L1-u0", "warm/diag4-neither-L1-u0"}
+    model, meta = eqicl.load_weights(weights_path(paper, cells[1]))
+    assert type(model.layers) is ab.NoMomentum and meta["kind"] == "diag4-no-momentum"
+    assert float(jnp.abs(model.layers.p[..., 1]).max()) == 0.0  # w_xy, never moved
+
+
+@pytest.mark.slow  # twelve small trainings: about a minute and a half on 2 cores
+def test_the_command_trains_the_variants_by_the_recipe_and_resumes(tmp_path, monkeypatch, capsys):
+    """--recipe: the variants through the (here: two-stage) recipe at 1-2 layers of one noise
+    setting, then scored on the ablation's test seed; a second run trains nothing and writes
+    the same table."""
+    from eqicl._sweep import Recipe, Train
+
+    small = Recipe((Train("cold", max_layers="1"), Train("warm", warm=True, starts_from=("cold",))))
+    monkeypatch.setattr(eqicl._sweep, "RECIPE", small)
+    out, sweep = tmp_path / "ablation", tmp_path / "sweep"
+    args = ["--recipe", "--out", str(out), "--sweep-dir", str(sweep), "--no-progress"]
+    args += ["--run-root", str(tmp_path / "runs"), "--layers", "2", "--noise", "0"]
+    args += ["--sequences", "500"]
+    for s in [*SMALL, "train.lr=0.2"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert "the Table 1 recipe on 8 variant cells" in capsys.readouterr().out
+    table = (out / "recipe.csv").read_text()
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert sorted(r["variant"] for r in rows) == sorted(ab.ABLATIONS)  # --layers 2 reported
+    assert {(r["layers"], r["noise"], r["sequences"]) for r in rows} == {("2", "0", "500")}
+    assert all(float(r["plain_se"]) > 0 for r in rows)
+    assert (out / "recipe.png").stat().st_size > 0
+    assert main(args) == 0
+    assert "cold: 4 cells, 4 recorded, 0 to run" in capsys.readouterr().out
+    assert (out / "recipe.csv").read_text() == table

@@ -151,3 +151,101 @@ def test_weights_round_trip_with_the_users_class(tmp_path):
         eqicl.load_weights(path)
     with pytest.raises(eqicl.WeightsError, match="not a 'diag' one"):
         eqicl.load_weights(path, layer_class=eqicl.DiagAttention)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """eqicl's registry of layer classes as it is now, restored after the test."""
+    from eqicl import _config, _model
+
+    monkeypatch.setattr(_model, "_REGISTERED", dict(_model._REGISTERED))
+    monkeypatch.setattr(_config, "REGISTERED_KINDS", set(_config.REGISTERED_KINDS))
+
+
+class _Fresh(eqicl.AbstractDiagAttention, strict=True):
+    """A DIAG layer under a kind of its own (DIAG's arrays, `operator` the whole layer)."""
+
+    kind: ClassVar[str] = "fresh-diag"
+    label: ClassVar[str] = "DIAG (fresh)"
+    fields: ClassVar[tuple[str, ...]] = ("p", "q")
+    embeds: ClassVar[tuple[str, ...]] = ("diag", "fresh-diag")
+
+    p: Float[Array, "heads 2"]
+    q: Float[Array, "heads 2"]
+    dim: int = eqx.field(static=True)
+    scale_n: float = eqx.field(static=True, default=1.0)
+    scale_s: float = eqx.field(static=True, default=1.0)
+
+    def head_scalars(self):
+        return jnp.stack([self.p[:, 0], self.p[:, 1], self.q[:, 0], self.q[:, 1]])
+
+    @classmethod
+    def init_arrays(cls, key, heads, d, scale, gd, dtype):
+        return eqicl.DiagAttention.init_arrays(key, heads, d, scale, gd, dtype)
+
+    @classmethod
+    def embed(cls, source, key, noise, dtype):  # DIAG's arrays are its own
+        return {n: a.astype(dtype) for n, a in source.arrays().items()}
+
+
+def test_a_registered_kind_is_a_config_a_run_and_a_weights_file(registry, tmp_path):
+    """Before registering: a config naming the kind is a one-line ConfigError, a weights file
+    of it needs its class. After: the config (and config.json) takes it, eqicl.run trains and
+    resumes it, its weights load without the class, and a warm start takes DIAG's weights
+    (its `embeds`) as the same function."""
+    with pytest.raises(eqicl.ConfigError, match=r"^model.kind must be one of .*register_layer"):
+        eqicl.ModelConfig(kind="fresh-diag")
+    assert eqicl.register_layer(_Fresh) is _Fresh
+    assert eqicl.register_layer(_Fresh) is _Fresh  # again: a no-op
+    assert eqicl.layer_class("fresh-diag") is _Fresh and "fresh-diag" in eqicl.layer_classes()
+
+    data = eqicl.preset("tiny", ["train.steps=20", "train.checkpoint_every=10"]).to_dict()
+    config = eqicl.Config.from_dict({**data, "model": {**data["model"], "kind": "fresh-diag"}})
+    run_dir = tmp_path / "run"
+    eqicl.run(config, run_dir, progress=False, echo=lambda _: None, evaluate=False)
+    assert eqicl.read_run_config(run_dir).model.kind == "fresh-diag"
+    lines = []  # again: config.json read back, the step-20 checkpoint restored, no step taken
+    eqicl.run(config, run_dir, progress=False, echo=lines.append, evaluate=False)
+    state = eqicl.restore_checkpoint(run_dir, config)
+    assert state is not None and int(state.step[0]) == 20
+    trained = eqicl.ensemble_member(state.model, 0)
+    assert type(trained.layers) is _Fresh
+
+    path = tmp_path / "fresh.npz"
+    eqicl.save_weights(trained, path)
+    loaded, meta = eqicl.load_weights(path)  # no layer_class: the kind is registered
+    assert meta["kind"] == "fresh-diag" and type(loaded.layers) is _Fresh
+    np.testing.assert_array_equal(loaded.layers.p, trained.layers.p)
+
+    diag = eqicl.init_transformer(
+        jr.key(3), eqicl.ModelConfig(kind="diag", layers=2, init_scale=0.3), TASK, F64
+    )
+    eqicl.save_weights(diag, tmp_path / "diag.npz")
+    start = eqicl.ModelConfig(kind="fresh-diag", layers=2, init_from=str(tmp_path / "diag.npz"))
+    warm = eqicl.warm_transformer(jr.key(0), start, TASK, F64)
+    batch = eqicl.sample_batch(jr.key(1), TASK, 16, F64)
+    np.testing.assert_allclose(
+        jax.vmap(warm.predict)(batch.x, batch.y, batch.xq),
+        jax.vmap(diag.predict)(batch.x, batch.y, batch.xq),
+        rtol=1e-12,
+    )
+
+
+def test_registering_what_is_not_a_new_layer_class_is_one_line(registry):
+    class Clash(_Fresh, strict=True):  # noqa: D101
+        kind: ClassVar[str] = "diag"
+
+    class SameLabel(_Fresh, strict=True):  # noqa: D101
+        kind: ClassVar[str] = "fresh-diag-2"
+        label: ClassVar[str] = "DIAG"
+
+    for cls, message in (
+        (int, "takes a layer class"),
+        (eqicl.AbstractDiagAttention, "not a concrete layer class"),
+        (Clash, "the kind 'diag' is DiagAttention's, not Clash's"),
+        (SameLabel, "the label 'DIAG' is the 'diag' kind's"),
+    ):
+        with pytest.raises(eqicl.ConfigError, match=message) as e:
+            eqicl.register_layer(cls)
+        assert "\n" not in str(e.value)
+    assert "fresh-diag-2" not in eqicl.layer_classes()

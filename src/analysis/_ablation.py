@@ -84,7 +84,7 @@ class AbstractCoefficients(eqicl.AbstractDiagAttention):
         if source.kind not in cls.embeds or not isinstance(source, eqicl.AbstractDiagAttention):
             raise TypeError(f"a {cls.label} layer cannot embed a {source.label} one")
         own = _own_coefficients(source).astype(dtype)
-        fresh = noise * jr.normal(key, own.shape, dtype) * (own == 0)
+        fresh = noise * jr.normal(key, own.shape, dtype) * (own == 0).astype(dtype)
         return {"p": ((own + fresh) * cls.mask(dtype)[None, :])[:, None, :]}
 
 
@@ -100,7 +100,14 @@ class FreeCoefficients(AbstractCoefficients, strict=True):
     kind: ClassVar[str] = "diag4"
     label: ClassVar[str] = "DIAG-4"
     zero: ClassVar[tuple[str, ...]] = ()
-    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag", "diag4")
+    embeds: ClassVar[tuple[str, ...]] = (
+        "gdpp",
+        "diag",
+        "diag4",
+        "diag4-no-momentum",
+        "diag4-no-rescaling",
+        "diag4-neither",
+    )
 
     p: Float[Array, "1 4"]
     dim: int = eqx.field(static=True)
@@ -114,7 +121,7 @@ class NoMomentum(AbstractCoefficients, strict=True):
     kind: ClassVar[str] = "diag4-no-momentum"
     label: ClassVar[str] = "DIAG-4, w_xy ≡ 0"
     zero: ClassVar[tuple[str, ...]] = ("xy",)
-    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag4-no-momentum")
+    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag4-neither", "diag4-no-momentum")
 
     p: Float[Array, "1 4"]
     dim: int = eqx.field(static=True)
@@ -128,7 +135,7 @@ class NoRescaling(AbstractCoefficients, strict=True):
     kind: ClassVar[str] = "diag4-no-rescaling"
     label: ClassVar[str] = "DIAG-4, w_yy ≡ 0"
     zero: ClassVar[tuple[str, ...]] = ("yy",)
-    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag4-no-rescaling")
+    embeds: ClassVar[tuple[str, ...]] = ("gdpp", "diag4-neither", "diag4-no-rescaling")
 
     p: Float[Array, "1 4"]
     dim: int = eqx.field(static=True)
@@ -154,6 +161,22 @@ ABLATIONS: dict[str, type[AbstractCoefficients]] = {
     cls.kind: cls for cls in (FreeCoefficients, NoMomentum, NoRescaling, Neither)
 }
 """The variants by kind: the free one first, then each mechanism removed, then both."""
+
+for _cls in ABLATIONS.values():  # model.kind, weights files and warm starts know them
+    eqicl.register_layer(_cls)
+
+
+def _lineup():
+    from eqicl.sweep import Lineup, register_lineup
+
+    kinds = tuple(reversed(ABLATIONS))  # narrowest first: both removed, ..., the free one
+    return register_lineup(Lineup("ablation", kinds, {k: "diag" for k in kinds}))
+
+
+LINEUP = _lineup()
+"""The variants as the sweep's cells (`eqicl.sweep.run_recipe`): each trained with the Table 1
+recipe as a DIAG cell (its rate, steps, stages and seeds), starting from the narrower variants
+it embeds (both removed → one removed → the free one), and shown beside the paper's DIAG."""
 
 
 def as_variant(
@@ -345,4 +368,31 @@ def trained(
             rows.append(
                 _row("trained", cls.label, cell, cls.kind, paper, est[name], sequences, src)
             )
+    return rows
+
+
+def recipe_rows(sweep_dir, columns, depths, sequences: int, seed: int = SEED, tick=None):
+    """The variants the Table 1 recipe trained into the sweep directory `sweep_dir` (`LINEUP`'s
+    cells, `eqicl.sweep.run_recipe`), every recorded cell of `columns` × `depths`, all of a
+    setting scored together on `sequences` plain and as many tail-aware sequences of the
+    test draw of `seed`, as `trained` scores its own. Cells without weights are left out."""
+    from eqicl.sweep import Cell, weights_path
+
+    rows = []
+    table = eqicl.paper_table()
+    for column in columns:
+        cells = [
+            Cell(kind, layers, column)
+            for kind in LINEUP.kinds
+            for layers in sorted(depths)
+            if weights_path(sweep_dir, Cell(kind, layers, column)).is_file()
+        ]
+        if not cells:
+            continue
+        models = {c.name: eqicl.load_weights(weights_path(sweep_dir, c))[0] for c in cells}
+        est = eqicl.score_models(models, column, seed, sequences, progress=tick)
+        for c in cells:
+            paper = table.get(("DIAG", c.layers, column))
+            src = str(weights_path(sweep_dir, c))
+            rows.append(_row("recipe", c.row, c, c.model, paper, est[c.name], sequences, src))
     return rows

@@ -11,6 +11,12 @@ with w_yy ≡ 0 (no adaptive rescaling), and with both (GD++'s function class).
   noise setting (its steps, rate and units, one seed; the shallowest depth from the GD start,
   each deeper one from the one before with an identity layer in front), into `--run-root`
   (resumable: run it again), then scored (`trained.csv`, `trained.png`).
+- With `--recipe`: each variant trained by the Table 1 recipe itself (`eqicl.sweep.run_recipe`
+  on the variants' lineup, `analysis._ablation.LINEUP`: the four stages, the Figure 5
+  column's 5 seeds, every choice on validation sequences; 1 layer up to the deepest asked,
+  since each depth starts from the one before), into the sweep directory `--sweep-dir`
+  (candidates, table1.csv, weights; resumable) and `--run-root`, then scored (`recipe.csv`,
+  `recipe.png`).
 
 Rows of cells not asked now are kept from an earlier table, so a study can grow setting by
 setting (`--noise 5`, then `--noise 0,1`, ...) into one table and figure.
@@ -75,13 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         description="What DIAG's momentum (w_xy) and adaptive rescaling (w_yy) buy: removed at "
         "test time from the Table 1 models, or (--train) trained without them.",
     )
-    parser.add_argument("--train", action="store_true", help="train the variants (else: test time)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true", help="train the variants (else: test time)")
+    mode.add_argument(
+        "--recipe", action="store_true", help="train the variants with the Table 1 recipe"
+    )
     parser.add_argument(
         "--paper-dir", default="runs/paper", help="the Table 1 weights (runs/paper)"
     )
     parser.add_argument("--out", default=None, help="results directory (<paper-dir>/ablation)")
     parser.add_argument(
-        "--run-root", default="runs/ablation", help="with --train: runs and weights (runs/ablation)"
+        "--run-root",
+        default=None,
+        help="with --train: runs and weights (runs/ablation); with --recipe: the sweep's runs "
+        "(runs/sweep-ablation)",
+    )
+    parser.add_argument(
+        "--sweep-dir",
+        default="runs/ablation-recipe",
+        help="with --recipe: the sweep's candidates, table and weights (runs/ablation-recipe)",
     )
     parser.add_argument("--layers", default="2-7", help="depths, e.g. 2-7 or 3,5 (2-7)")
     parser.add_argument("--noise", default="all", help='Table 1 columns, e.g. 5,"{1;3}" (all)')
@@ -106,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
-    if not args.train and (args.steps is not None or args.overrides):
-        print("error: --steps and --set are for --train", file=sys.stderr)
+    if not (args.train or args.recipe) and (args.steps is not None or args.overrides):
+        print("error: --steps and --set are for --train and --recipe", file=sys.stderr)
         return 2
 
     import jax
@@ -140,8 +158,30 @@ def main(argv: list[str] | None = None) -> int:
         last[0] = done
 
     try:
-        if args.train:
-            root = pathlib.Path(args.run_root)
+        if args.recipe:
+            from eqicl.sweep import run_recipe
+
+            sweep_dir = pathlib.Path(args.sweep_dir)
+            if sweep_dir.exists() and not sweep_dir.is_dir():
+                raise SweepError(f"--sweep-dir {sweep_dir} is not a directory")
+            train_cells = parse_cells(
+                "all", f"1-{max(depths)}", ",".join(columns), lineup=ab.LINEUP
+            )
+            bar.write(f"the Table 1 recipe on {len(train_cells)} variant cells into {sweep_dir}")
+            run_recipe(
+                train_cells,
+                sweep_dir,
+                pathlib.Path(args.run_root or "runs/sweep-ablation"),
+                steps=args.steps,
+                extra=args.overrides,
+                echo=bar.write,
+                progress=not args.no_progress,
+                test_sequences=0,  # scored below on the ablation's own test seed
+            )
+            rows = ab.recipe_rows(sweep_dir, columns, depths, args.sequences, seed, tick=tick)
+            stem, title = "recipe", "DIAG's mechanisms removed, trained by the Table 1 recipe"
+        elif args.train:
+            root = pathlib.Path(args.run_root or "runs/ablation")
             rows = ab.trained(
                 root,
                 columns,

@@ -62,6 +62,9 @@ class NoiseLaw(abc.ABC):
 # The kinds of eqicl._model.VARIANTS (this module cannot import the layer classes; a test
 # checks that the two lists agree).
 ModelKind = Literal["full", "diag", "gdpp"]
+# The kinds of layer classes of one's own that `eqicl.register_layer` made known to configs
+# (filled by eqicl._model, which owns the classes).
+REGISTERED_KINDS: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +169,7 @@ class ModelConfig:
     another noise setting (other units) is rewritten in this run's units: the same function.
     """
 
-    kind: ModelKind = "diag"
+    kind: str = "diag"  # a ModelKind, or the kind of a registered layer class
     layers: int = 3
     heads: int = 1
     units: Literal["scaled", "paper"] = "scaled"
@@ -176,9 +179,11 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_ints(self, "model.")
-        if self.kind not in typing.get_args(ModelKind):
+        if self.kind not in typing.get_args(ModelKind) and self.kind not in REGISTERED_KINDS:
+            known = (*typing.get_args(ModelKind), *sorted(REGISTERED_KINDS))
             raise ConfigError(
-                f"model.kind must be one of {typing.get_args(ModelKind)}, got {self.kind!r}"
+                f"model.kind must be one of {known}, got {self.kind!r} (a layer class of one's "
+                "own: eqicl.register_layer(cls) before the config is read)"
             )
         if self.layers < 1:
             raise ConfigError(f"model.layers must be >= 1, got {self.layers}")

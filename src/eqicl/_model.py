@@ -332,6 +332,58 @@ VARIANTS: dict[str, type[AbstractLinearAttention]] = {
 }
 """Every layer variant by its `kind` (`model.kind`), narrowest first."""
 
+_REGISTERED: dict[str, type[AbstractLinearAttention]] = {}
+
+
+def register_layer(cls: type) -> type:
+    """Make a layer class of one's own known by its `kind` wherever eqicl reads a kind: in a
+    config (`model.kind`, config.json, so `eqicl.run` trains it and resumes its run
+    directory), in a weights file (`load_weights` without `layer_class`) and in warm starts
+    (`model.init_from`, by its `embeds`). Returns the class (usable as a decorator);
+    registering it again is a no-op. A process that reads such a run directory or file
+    registers the class first (import the module that defines it). ConfigError (one line)
+    for a class that is not a concrete layer class, or a kind or label that another class
+    has."""
+    if not (isinstance(cls, type) and issubclass(cls, AbstractLinearAttention)):
+        raise ConfigError(f"register_layer takes a layer class, got {cls!r}")
+    missing = [a for a in ("kind", "label", "fields", "embeds") if not hasattr(cls, a)]
+    if missing or getattr(cls, "__abstractmethods__", None):
+        why = f"it names no {missing[0]!r}" if missing else "it is abstract"
+        raise ConfigError(f"register_layer: {cls.__name__} is not a concrete layer class ({why})")
+    known = layer_classes()
+    if known.get(cls.kind, cls) is not cls:
+        raise ConfigError(
+            f"register_layer: the kind {cls.kind!r} is {known[cls.kind].__name__}'s, not "
+            f"{cls.__name__}'s"
+        )
+    same_label = [k for k, c in known.items() if c.label == cls.label and c is not cls]
+    if same_label:
+        raise ConfigError(
+            f"register_layer: the label {cls.label!r} is the {same_label[0]!r} kind's"
+        )
+    from . import _config
+
+    _REGISTERED[cls.kind] = cls
+    _config.REGISTERED_KINDS.add(cls.kind)
+    return cls
+
+
+def layer_classes() -> dict[str, type[AbstractLinearAttention]]:
+    """Every kind eqicl knows, eqicl's own (`VARIANTS`) then the registered ones, in the order
+    they were registered."""
+    return {**VARIANTS, **_REGISTERED}
+
+
+def layer_class(kind: str) -> type[AbstractLinearAttention]:
+    """The layer class of `kind` (eqicl's own or registered); ConfigError if none."""
+    cls = layer_classes().get(kind)
+    if cls is None:
+        raise ConfigError(
+            f"unknown model kind {kind!r} (one of {', '.join(layer_classes())}; a layer class "
+            "of one's own: eqicl.register_layer(cls))"
+        )
+    return cls
+
 
 def init_layer(
     key: PRNGKeyArray,
@@ -344,7 +396,7 @@ def init_layer(
 ) -> AbstractLinearAttention:
     """One layer. `init="gd"` makes it (up to `init_scale` noise) the gradient step
     y_i ← y_i − gd_step <α, x_i> in paper units; `init="normal"` is pure N(0, init_scale²)."""
-    cls = VARIANTS[model.kind]
+    cls = layer_class(model.kind)
     # The raw value that gives the paper-unit step `gd_step` in these units.
     gd = gd_step * scale_n * scale_s if model.init == "gd" else None
     arrays = cls.init_arrays(key, model.heads, d, model.init_scale, gd, dtype)
@@ -511,7 +563,8 @@ def load_weights(
     path, layer_class: type[AbstractLinearAttention] | None = None
 ) -> tuple[LinearTransformer, dict]:
     """(model, meta) from a file written by `save_weights`; a layer class of one's own (not
-    in `VARIANTS`) is passed as `layer_class` (its `kind` must be the file's)."""
+    in `VARIANTS` and not registered) is passed as `layer_class` (its `kind` must be the
+    file's)."""
     import numpy as np
 
     try:
@@ -521,11 +574,12 @@ def load_weights(
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
     meta = {k[5:]: data.pop(k).item() for k in list(data) if k.startswith("meta.")}
     try:
-        cls = VARIANTS.get(meta["kind"]) if layer_class is None else layer_class
+        cls = layer_classes().get(meta["kind"]) if layer_class is None else layer_class
         if cls is None:
             raise WeightsError(
                 f"weights file {path} holds a {meta['kind']!r} model, not one of eqicl's "
-                f"({', '.join(VARIANTS)}); pass its layer class: load_weights(path, layer_class=...)"
+                f"({', '.join(layer_classes())}); pass its layer class: "
+                "load_weights(path, layer_class=...), or eqicl.register_layer it"
             )
         if cls.kind != meta["kind"]:
             raise WeightsError(
@@ -559,7 +613,7 @@ def warm_transformer(
     ModelConfig): an exact embedding plus `init_scale` noise on the new parameters."""
     source, meta = load_weights(model.init_from)
     where = f"model.init_from={model.init_from}"
-    cls, have = VARIANTS[model.kind], source.layers.kind
+    cls, have = layer_class(model.kind), source.layers.kind
     scale_n, scale_s = units(model, task)
     if (int(meta["d"]), int(meta["heads"])) != (task.d, model.heads):
         raise WeightsError(

@@ -48,7 +48,8 @@ def paper_value(config: Config) -> float | None:
     column = paper_column(config.task)
     if column is None or config.model.heads != 1:
         return None
-    return paper_table().get((MODEL_ROWS[config.model.kind], config.model.layers, column))
+    row = MODEL_ROWS.get(config.model.kind)  # a registered layer class has no paper row
+    return None if row is None else paper_table().get((row, config.model.layers, column))
 
 
 def paper_baselines(task: TaskConfig) -> dict[str, float]:

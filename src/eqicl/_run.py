@@ -60,8 +60,8 @@ from ._files import (
     write_json_atomic,
 )
 from ._limits import check_resources, machine_line
-from ._model import LinearTransformer
-from ._paper import BASELINE_NAMES, MODEL_ROWS
+from ._model import LinearTransformer, layer_class
+from ._paper import BASELINE_NAMES
 from ._parallel import (
     first_signal,
     is_primary,
@@ -939,7 +939,7 @@ def summary_table(config: Config, result: dict) -> str:
         return f"SUSPECT: {result['reason']}\n{summary_table(config, {**result, 'status': 'ok'})}"
     paper = result.get("paper", {})
     m = config.model
-    name = f"{MODEL_ROWS[m.kind]} L={m.layers}"
+    name = f"{layer_class(m.kind).label} L={m.layers}"
     lines = [
         f"adjusted loss, task {config.task.noise} σ {config.task.label}, "
         f"d={config.task.d} n={config.task.n}, "

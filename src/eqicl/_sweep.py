@@ -38,6 +38,7 @@ from ._evaluate import (
 )
 from ._files import write_csv_atomic, write_json_atomic
 from ._limits import machine_line
+from ._model import layer_class
 from ._paper import BASELINE_ROWS, MODEL_ROWS, paper_table
 from ._score import TEST_FIELDS, TEST_SEED, TEST_SEQUENCES, score_table
 
@@ -99,8 +100,7 @@ def recipe_steps(model: str, layers: int) -> int:
     """Training steps of a cell: 1000 × (layers + 1), twice that for FULL from 5 layers,
     which keeps improving for longer (the measurements behind the rule are in
     runs/paper/RESULTS.md)."""
-    if model not in LEARNING_RATES:
-        raise SweepError(f"unknown model {model!r} (one of {', '.join(LEARNING_RATES)})")
+    model = trained_like(model)
     return 1000 * (layers + 1) * (2 if model == "full" and layers >= 5 else 1)
 
 
@@ -119,6 +119,76 @@ class SweepError(ValueError):
     """A sweep that cannot run as asked, or a results file that cannot be trusted."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Lineup:
+    """Model kinds a sweep trains together, narrowest first. A kind's warm starts and its
+    polish take the narrower kinds of its lineup whose models its layer class embeds
+    (`layer_class(kind).embeds`), and it trains with the recipe's settings (learning rate,
+    steps) of the Table 1 model `like[kind]`, whose paper value its rows carry. Table 1's is
+    `TABLE1`; a study of layer classes of one's own (`eqicl.register_layer`) registers its
+    own with `register_lineup`, and its cells are then cells like any other."""
+
+    name: str
+    kinds: tuple[str, ...]
+    like: Mapping[str, str]
+
+
+TABLE1 = Lineup("table1", MODELS, MappingProxyType({k: k for k in MODELS}))
+_LINEUPS: dict[str, Lineup] = {TABLE1.name: TABLE1}
+
+
+def register_lineup(lineup: Lineup) -> Lineup:
+    """Make `lineup`'s kinds sweep cells (`parse_cells(..., lineup=...)`, `run_recipe`);
+    registering the same lineup again is a no-op. SweepError (one line) for a kind that is
+    not a known layer class, a `like` that is not a Table 1 model, or a kind that another
+    lineup has."""
+    if set(lineup.like) != set(lineup.kinds) or len(set(lineup.kinds)) != len(lineup.kinds):
+        raise SweepError(f"lineup {lineup.name}: `like` must name each of its kinds once")
+    for kind in lineup.kinds:
+        try:
+            layer_class(kind)
+        except ConfigError as e:
+            raise SweepError(f"lineup {lineup.name}: {e}") from None
+        if lineup.like[kind] not in MODELS:
+            raise SweepError(
+                f"lineup {lineup.name}: {kind} is trained like {lineup.like[kind]!r}, not one "
+                f"of {', '.join(MODELS)}"
+            )
+        other = next((lu for lu in _LINEUPS.values() if kind in lu.kinds), lineup)
+        if other.name != lineup.name:
+            raise SweepError(f"lineup {lineup.name}: the kind {kind} is lineup {other.name}'s")
+    if _LINEUPS.get(lineup.name, lineup) != lineup:
+        raise SweepError(f"a lineup named {lineup.name} is registered with other kinds")
+    _LINEUPS[lineup.name] = lineup
+    return lineup
+
+
+def lineup_of(kind: str) -> Lineup:
+    lineup = next((lu for lu in _LINEUPS.values() if kind in lu.kinds), None)
+    if lineup is None:
+        known = [k for lu in _LINEUPS.values() for k in lu.kinds]
+        raise SweepError(f"unknown model {kind!r} (one of {', '.join(known)})")
+    return lineup
+
+
+def trained_like(kind: str) -> str:
+    """The Table 1 model whose recipe settings `kind` trains with (itself for Table 1's)."""
+    return lineup_of(kind).like[kind]
+
+
+def narrower_kinds(kind: str) -> list[str]:
+    """The kinds before `kind` in its lineup whose models it embeds exactly, narrowest first."""
+    kinds = lineup_of(kind).kinds
+    embeds = layer_class(kind).embeds
+    return [k for k in kinds[: kinds.index(kind)] if k in embeds]
+
+
+def _kind_index(kind: str) -> tuple[int, int]:
+    names = list(_LINEUPS)
+    lineup = lineup_of(kind)
+    return names.index(lineup.name), lineup.kinds.index(kind)
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class Cell:
     model: str
@@ -131,7 +201,8 @@ class Cell:
 
     @property
     def row(self) -> str:
-        return MODEL_ROWS[self.model]
+        """The method's name in tables ("GD++"; a registered layer class: its label)."""
+        return layer_class(self.model).label
 
 
 def column_tag(column: str) -> str:
@@ -173,7 +244,7 @@ def cell_config(
         ),
         train=dataclasses.replace(
             base.train,
-            lr=LEARNING_RATES[cell.model],
+            lr=LEARNING_RATES[trained_like(cell.model)],
             seeds=seeds if seeds is not None else recipe_seeds(cell.column),
             steps=steps if steps is not None else recipe_steps(cell.model, cell.layers),
             **settings,
@@ -190,7 +261,7 @@ def start_candidates(cell: Cell) -> list[Cell]:
     """The trained cells that embed exactly into `cell` (eqicl.warm_transformer): one layer
     fewer of the same kind (plus an identity layer), and the same depth of a narrower kind."""
     out = [Cell(cell.model, cell.layers - 1, cell.column)] if cell.layers > 1 else []
-    narrower = MODELS[: MODELS.index(cell.model)]
+    narrower = narrower_kinds(cell.model)
     return out + [Cell(m, cell.layers, cell.column) for m in reversed(narrower)]
 
 
@@ -328,8 +399,9 @@ def start_name(path: pathlib.Path | str) -> str:
     return path.stem
 
 
-def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
-    """Cells from comma-separated lists; layers also as a range "1-7"; "all" for everything."""
+def parse_cells(models: str, layers: str, noise: str, lineup: Lineup = TABLE1) -> list[Cell]:
+    """Cells from comma-separated lists; layers also as a range "1-7"; "all" for everything;
+    the models of `lineup` (default Table 1's)."""
 
     def items(text, allowed, what):
         if text == "all":
@@ -349,7 +421,7 @@ def parse_cells(models: str, layers: str, noise: str) -> list[Cell]:
             raise SweepError(f"unknown {what} {bad[0]!r} (one of {', '.join(allowed)})")
         return out
 
-    ms = items(models.lower(), MODELS, "model")
+    ms = items(models.lower(), lineup.kinds, "model")
     ls = [int(v) for v in items(layers, [str(v) for v in LAYERS], "layers")]
     cs = items(noise, COLUMNS, "noise setting")
     return sorted({Cell(m, layer, c) for m in ms for layer in ls for c in cs}, key=_order)
@@ -367,22 +439,23 @@ def depth_limit(text: str) -> Callable[[Cell], bool]:
         raise SweepError(
             f"--max-layers must be N or N,MODEL:M (e.g. 4,full:7), got {text!r}"
         ) from None
-    unknown = [m for m in limits if m not in MODELS]
+    known = [k for lineup in _LINEUPS.values() for k in lineup.kinds]
+    unknown = [m for m in limits if m not in known]
     if unknown:
-        raise SweepError(f"--max-layers: unknown model {unknown[0]!r} (one of {', '.join(MODELS)})")
+        raise SweepError(f"--max-layers: unknown model {unknown[0]!r} (one of {', '.join(known)})")
     if default < 1 or min(limits.values(), default=0) < 0:
         raise SweepError(f"--max-layers must be N >= 1 and M >= 0, got {text!r}")
     return lambda cell: cell.layers <= limits.get(cell.model, default)
 
 
 def _order(cell: Cell):
-    return (cell.layers, MODELS.index(cell.model), COLUMNS.index(cell.column))
+    return (cell.layers, _kind_index(cell.model), COLUMNS.index(cell.column))
 
 
 def _training_order(cell: Cell):
     """The order every stage trains its cells in: noise setting by noise setting, shallow
     before deep, GD++ before DIAG before FULL, so that every start precedes what it starts."""
-    return (COLUMNS.index(cell.column), cell.layers, MODELS.index(cell.model))
+    return (COLUMNS.index(cell.column), cell.layers, _kind_index(cell.model))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -425,8 +498,9 @@ def read_table(path: pathlib.Path) -> dict[Cell, dict]:
     missing = set(TABLE_FIELDS) - set(reader.fieldnames or ()) - set(LATER_FIELDS)
     if missing:
         raise SweepError(f"{path} lacks the column {sorted(missing)[0]!r}")
+    kinds = {layer_class(k).label: k for lineup in _LINEUPS.values() for k in lineup.kinds}
     for i, row in enumerate(reader, start=2):
-        model = {v: k for k, v in MODEL_ROWS.items()}.get(row["method"])
+        model = kinds.get(row["method"])
         try:
             layers = int(row["layers"])
         except (TypeError, ValueError):
@@ -476,7 +550,7 @@ def _record_cell(paper_dir: pathlib.Path, cell: Cell, config: Config, result: di
     rows = read_table(table_path)
     ok = result.get("status") == "ok"
     model = result.get("model", {})
-    paper = paper_table().get((cell.row, cell.layers, cell.column))
+    paper = paper_table().get((MODEL_ROWS[trained_like(cell.model)], cell.layers, cell.column))
     row = {
         "method": cell.row,
         "layers": cell.layers,
@@ -1106,7 +1180,7 @@ def _polish_stage(
                 polished, _ = polish(firsts, config.task, key, sequences, iterations)
                 candidates += [cast(m, eval_dtype()) for m in polished]
                 names += [f"polished start {k}" for k in range(starts)]
-            for narrower in MODELS[: MODELS.index(cell.model)]:
+            for narrower in narrower_kinds(cell.model):
                 path = weights_path(store, Cell(narrower, cell.layers, cell.column))
                 if path.is_file():
                     candidates.append(start_model(path, config, eval_dtype()))
@@ -1250,9 +1324,7 @@ class Recipe:
         elif isinstance(stage, Polish):
             earlier = self.stages[: self.stages.index(stage)]
             out += [(s, cell) for s in earlier if self.covers(s, cell)]
-            narrower = [
-                Cell(m, cell.layers, cell.column) for m in MODELS[: MODELS.index(cell.model)]
-            ]
+            narrower = [Cell(m, cell.layers, cell.column) for m in narrower_kinds(cell.model)]
             out += [(stage, c) for c in narrower if self.covers(stage, c)]
         return out
 

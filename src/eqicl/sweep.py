@@ -32,12 +32,16 @@ import sys
 from ._sweep import (
     COLUMNS as COLUMNS,
     LAYERS as LAYERS,
+    TABLE1 as TABLE1,
     Cell as Cell,
+    Lineup as Lineup,
     SweepError as SweepError,
     column_tag as column_tag,
     parse_cells as parse_cells,
     read_baselines as read_baselines,
     read_table as read_table,
+    register_lineup as register_lineup,
+    run_recipe as run_recipe,
     weights_path as weights_path,
 )
 
