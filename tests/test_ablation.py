@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from test_sweep import SMALL
 
 import analysis
 import eqicl
@@ -154,6 +155,7 @@ def test_the_command_at_test_time_on_the_committed_weights(tmp_path, capsys):
     for bad, message in (
         (["--sequences", "1"], "--sequences must be in [2, 1e9]"),
         (["--steps", "5"], "--steps and --set are for --train and --recipe"),
+        (["--train-only"], "--train-only is for --recipe"),
         (["--layers", "9"], "unknown layers"),
     ):
         assert main([*args, *bad]) == 2
@@ -195,20 +197,6 @@ def test_a_variant_refuses_what_it_cannot_hold(cls):
             cls.embed(_diag().layers, jr.key(0), 0.0, F64)
     with pytest.raises(eqicl.ConfigError, match="one row"):
         cls.init_arrays(jr.key(0), 2, 4, 0.1, None, F64)
-
-
-SMALL = [
-    "train.steps=20",
-    "train.steps_per_call=10",
-    "train.checkpoint_every=10",
-    "train.batch=32",
-    "train.select_sequences=64",
-    "eval.sequences=400",
-    "eval.tune_sequences=400",
-    "eval.chunk=400",
-    "eval.profile_points=3",
-    "eval.profile_sequences=50",
-]
 
 
 def test_the_variants_are_sweep_cells_of_their_own_lineup(tmp_path):

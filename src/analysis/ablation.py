@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         "(runs/sweep-ablation)",
     )
     parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="with --recipe: train and record the variants, score and write nothing else (one "
+        "of several processes on disjoint noise settings; `just ablation-recipe`)",
+    )
+    parser.add_argument(
         "--sweep-dir",
         default="runs/ablation-recipe",
         help="with --recipe: the sweep's candidates, table and weights (runs/ablation-recipe)",
@@ -123,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.steps is not None and args.steps < 1:
         print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    if args.train_only and not args.recipe:
+        print("error: --train-only is for --recipe", file=sys.stderr)
         return 2
     if not (args.train or args.recipe) and (args.steps is not None or args.overrides):
         print("error: --steps and --set are for --train and --recipe", file=sys.stderr)
@@ -178,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 test_sequences=0,  # scored below on the ablation's own test seed
             )
+            if args.train_only:
+                return 0
             rows = ab.recipe_rows(sweep_dir, columns, depths, args.sequences, seed, tick=tick)
             stem, title = "recipe", "DIAG's mechanisms removed, trained by the Table 1 recipe"
         elif args.train:
