@@ -57,25 +57,32 @@ sweep *ARGS:
 # The sweep as two processes of disjoint noise settings, then the four settings whose warm stage
 # needs the other half's cold candidates, then the score on test seed 2027 (1,000,000 sequences
 # per estimate), the table and the figures; the same result as `just sweep` (one process).
-# Resumable: run it again. Table 1 from scratch on both cores, timed part by part.
+# Resumable: run it again. Table 1 from scratch on both cores, timed part by part; each part's
+# end is appended to PAPER/reproduce-times.log (with each start and its machine), so a run
+# resumed across sessions keeps the times of every invocation.
 reproduce PAPER="runs/paper" RUNS="runs/sweep":
     #!/usr/bin/env bash
     set -euo pipefail
     s() { python -m eqicl.sweep --paper-dir "{{PAPER}}" --run-root "{{RUNS}}" --no-progress "$@"; }
+    mkdir -p "{{PAPER}}"
+    log() { echo "$(date -u +%FT%TZ) $*" >> "{{PAPER}}/reproduce-times.log"; }
+    log "start ($(python -c 'from eqicl._limits import machine_line; print(machine_line())'))"
     t0=$(date +%s)
     s --noise '0,1,2,3,{1;3}' --test-sequences 0 & a=$!
     s --noise '4,5,6,7,{1;3;5}' --test-sequences 0 & b=$!
-    wait $a; wait $b; t1=$(date +%s)
+    wait $a; wait $b; t1=$(date +%s); log "halves $((t1-t0)) s"
     s --noise '3,4' --test-sequences 0 & a=$!
     s --noise '{1;3},{1;3;5}' --test-sequences 0 & b=$!
-    wait $a; wait $b; t2=$(date +%s)
+    wait $a; wait $b; t2=$(date +%s); log "the four joining settings $((t2-t1)) s"
     s --noise '0,1,2,3,4' & a=$!
     s --noise '5,6,7,{1;3},{1;3;5}' & b=$!
-    wait $a; wait $b; t3=$(date +%s)
+    wait $a; wait $b; t3=$(date +%s); log "score $((t3-t2)) s"
     python -m analysis.table --paper-dir "{{PAPER}}" > /dev/null
     python -m analysis.figures --paper-dir "{{PAPER}}" > /dev/null
     t4=$(date +%s)
-    echo "reproduce: halves $((t1-t0)) s, the four joining settings $((t2-t1)) s, score $((t3-t2)) s, table and figures $((t4-t3)) s, total $((t4-t0)) s"
+    line="reproduce: halves $((t1-t0)) s, the four joining settings $((t2-t1)) s, score $((t3-t2)) s, table and figures $((t4-t3)) s, total $((t4-t0)) s"
+    log "$line"
+    echo "$line"
 
 # The mechanism ablation trained by Table 1's recipe (README "Mechanism ablations"): two
 # processes of disjoint noise settings, then one over all of them (the cells whose warm starts
