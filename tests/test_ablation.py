@@ -276,3 +276,19 @@ def test_the_command_trains_the_variants_by_the_recipe_and_resumes(tmp_path, mon
     assert main(args) == 0
     assert "cold: 4 cells, 4 recorded, 0 to run" in capsys.readouterr().out
     assert (out / "recipe.csv").read_text() == table
+
+
+def test_a_lineup_that_cannot_be_a_sweeps_is_one_line():
+    from eqicl.sweep import Lineup, SweepError, register_lineup
+
+    assert register_lineup(ab.LINEUP) is ab.LINEUP  # again: a no-op
+    for lineup, message in (
+        (Lineup("x", ("diag4", "gdpp"), {"diag4": "diag"}), "`like` must name each of its kinds"),
+        (Lineup("x", ("nope",), {"nope": "diag"}), "lineup x: unknown model kind 'nope'"),
+        (Lineup("x", ("diag4",), {"diag4": "mlp"}), "diag4 is trained like 'mlp', not one of"),
+        (Lineup("x", ("diag",), {"diag": "diag"}), "the kind diag is lineup table1's"),
+        (Lineup("ablation", ("diag4",), {"diag4": "diag"}), "named ablation is registered with"),
+    ):
+        with pytest.raises(SweepError, match=message) as e:
+            register_lineup(lineup)
+        assert "\n" not in str(e.value)
