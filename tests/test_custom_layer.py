@@ -156,10 +156,9 @@ def test_weights_round_trip_with_the_users_class(tmp_path):
 @pytest.fixture
 def registry(monkeypatch):
     """eqicl's registry of layer classes as it is now, restored after the test."""
-    from eqicl import _config, _model
+    from eqicl import _model
 
     monkeypatch.setattr(_model, "_REGISTERED", dict(_model._REGISTERED))
-    monkeypatch.setattr(_config, "REGISTERED_KINDS", set(_config.REGISTERED_KINDS))
 
 
 class _Fresh(eqicl.AbstractDiagAttention, strict=True):

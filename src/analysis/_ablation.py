@@ -342,10 +342,7 @@ def trained(
     """Each variant of `variants` trained (`train_variant`) at every depth of `depths`
     (ascending, each from the one before; the first from the GD start) on every noise
     setting of `columns`, then all of a setting scored together as in `test_time`."""
-    from eqicl.sweep import Cell
-
     rows = []
-    table = eqicl.paper_table()
     for column in columns:
         models = {}
         for cls in variants:
@@ -353,21 +350,30 @@ def trained(
             for layers in sorted(depths):
                 prev = train_variant(cls, layers, column, root, prev, steps, extra, echo)
                 models[(cls, layers)] = prev
-        names = {f"{cls.kind}-L{layers}": (cls, layers) for cls, layers in models}
-        est = eqicl.score_models(
-            {name: models[key] for name, key in names.items()},
-            column,
-            seed,
-            sequences,
-            progress=tick,
-        )
-        for name, (cls, layers) in names.items():
-            cell = Cell("diag", layers, column)
-            paper = table.get((cell.row, layers, column))
-            src = str(weights_file(root, cls, layers, column))
-            rows.append(
-                _row("trained", cls.label, cell, cls.kind, paper, est[name], sequences, src)
-            )
+        entries = [
+            (cls, layers, m, weights_file(root, cls, layers, column))
+            for (cls, layers), m in models.items()
+        ]
+        rows += _scored("trained", column, entries, sequences, seed, tick)
+    return rows
+
+
+def _scored(study: str, column: str, entries, sequences: int, seed: int, tick) -> list[dict]:
+    """Rows of the variants `entries` ((class, layers, model, weights file) of one noise
+    setting), all scored together on one test draw of `seed` (`eqicl.score_models`), each
+    beside the paper's DIAG value of its depth."""
+    from eqicl.sweep import Cell
+
+    table = eqicl.paper_table()
+    names = {f"{cls.kind}-L{layers}": (cls, layers, m, src) for cls, layers, m, src in entries}
+    est = eqicl.score_models(
+        {name: e[2] for name, e in names.items()}, column, seed, sequences, progress=tick
+    )
+    rows = []
+    for name, (cls, layers, _, src) in names.items():
+        cell = Cell("diag", layers, column)
+        paper = table.get((cell.row, layers, column))
+        rows.append(_row(study, cls.label, cell, cls.kind, paper, est[name], sequences, str(src)))
     return rows
 
 
@@ -379,20 +385,13 @@ def recipe_rows(sweep_dir, columns, depths, sequences: int, seed: int = SEED, ti
     from eqicl.sweep import Cell, weights_path
 
     rows = []
-    table = eqicl.paper_table()
     for column in columns:
-        cells = [
-            Cell(kind, layers, column)
+        paths = [
+            (ABLATIONS[kind], layers, weights_path(sweep_dir, Cell(kind, layers, column)))
             for kind in LINEUP.kinds
             for layers in sorted(depths)
-            if weights_path(sweep_dir, Cell(kind, layers, column)).is_file()
         ]
-        if not cells:
-            continue
-        models = {c.name: eqicl.load_weights(weights_path(sweep_dir, c))[0] for c in cells}
-        est = eqicl.score_models(models, column, seed, sequences, progress=tick)
-        for c in cells:
-            paper = table.get(("DIAG", c.layers, column))
-            src = str(weights_path(sweep_dir, c))
-            rows.append(_row("recipe", c.row, c, c.model, paper, est[c.name], sequences, src))
+        entries = [(c, n, eqicl.load_weights(p)[0], p) for c, n, p in paths if p.is_file()]
+        if entries:
+            rows += _scored("recipe", column, entries, sequences, seed, tick)
     return rows

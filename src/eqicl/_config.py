@@ -62,9 +62,6 @@ class NoiseLaw(abc.ABC):
 # The kinds of eqicl._model.VARIANTS (this module cannot import the layer classes; a test
 # checks that the two lists agree).
 ModelKind = Literal["full", "diag", "gdpp"]
-# The kinds of layer classes of one's own that `eqicl.register_layer` made known to configs
-# (filled by eqicl._model, which owns the classes).
-REGISTERED_KINDS: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +176,12 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_ints(self, "model.")
-        if self.kind not in typing.get_args(ModelKind) and self.kind not in REGISTERED_KINDS:
-            known = (*typing.get_args(ModelKind), *sorted(REGISTERED_KINDS))
+        # eqicl's kinds and those `eqicl.register_layer` added (eqicl._model owns the classes;
+        # importing it here, not at the top, keeps the two modules out of an import cycle).
+        from ._model import layer_classes
+
+        if self.kind not in typing.get_args(ModelKind) and self.kind not in layer_classes():
+            known = tuple(layer_classes())
             raise ConfigError(
                 f"model.kind must be one of {known}, got {self.kind!r} (a layer class of one's "
                 "own: eqicl.register_layer(cls) before the config is read)"

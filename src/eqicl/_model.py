@@ -361,10 +361,7 @@ def register_layer(cls: type) -> type:
         raise ConfigError(
             f"register_layer: the label {cls.label!r} is the {same_label[0]!r} kind's"
         )
-    from . import _config
-
     _REGISTERED[cls.kind] = cls
-    _config.REGISTERED_KINDS.add(cls.kind)
     return cls
 
 
